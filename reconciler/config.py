@@ -1,0 +1,159 @@
+"""The service's settings: one typed, frozen object built once at start.
+
+Only the CLI reads the environment (`Settings.from_env`); everything else takes a
+`Settings`. A bad value fails with a ConfigError naming the variable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Final, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+from reconciler.errors import ConfigError
+
+ENV_PREFIX: Final = "RECONCILER_"
+NAMESPACE: Final = "reconciler"
+HTTP_HOST: Final = "0.0.0.0"
+HTTP_PORT: Final = 8080
+HANDLER: Final = "reconciler.handlers:inspect_file"
+CONCURRENCY: Final = 16
+SWEEP_INTERVAL_S: Final = 30.0
+STUCK_GRACE_S: Final = 10.0
+VISIBILITY_TIMEOUT_S: Final = 60.0
+MAX_ATTEMPTS: Final = 3
+FILE_TIMEOUT_S: Final = 300.0
+DRAIN_TIMEOUT_S: Final = 25.0
+LOG_FORMAT: Final = "json"
+FLUSH_INTERVAL_S: Final = 0.005
+FLUSH_MAX_FILES: Final = 512
+STATS_INTERVAL_S: Final = 5.0
+
+_NAMESPACE_RE: Final = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Every knob of the service, with the contract's defaults."""
+
+    database_url: str | None = None
+    redis_url: str | None = None
+    namespace: str = NAMESPACE
+    http_host: str = HTTP_HOST
+    http_port: int = HTTP_PORT
+    handler: str = HANDLER
+    concurrency: int = CONCURRENCY
+    sweep_interval_s: float = SWEEP_INTERVAL_S
+    stuck_grace_s: float = STUCK_GRACE_S
+    visibility_timeout_s: float = VISIBILITY_TIMEOUT_S
+    max_attempts: int = MAX_ATTEMPTS
+    file_timeout_s: float = FILE_TIMEOUT_S
+    drain_timeout_s: float = DRAIN_TIMEOUT_S
+    api_token: str | None = None
+    log_format: str = LOG_FORMAT
+    flush_interval_s: float = FLUSH_INTERVAL_S
+    flush_max_files: int = FLUSH_MAX_FILES
+    stats_interval_s: float = STATS_INTERVAL_S
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str], **overrides: Any) -> Settings:
+        """Builds settings from RECONCILER_* variables; `overrides` win (CLI flags)."""
+        values: dict[str, Any] = {}
+        for field in dataclasses.fields(cls):
+            raw = environ.get(ENV_PREFIX + field.name.upper())
+            if raw is not None and raw != "":
+                values[field.name] = _PARSERS[field.name](ENV_PREFIX + field.name.upper(), raw)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values).validated()
+
+    def validated(self) -> Settings:
+        """Checks cross-field rules; returns self so it chains."""
+        if self.database_url is not None:
+            _check_url("RECONCILER_DATABASE_URL", self.database_url, ("postgresql", "postgres"))
+        if self.redis_url is not None:
+            _check_url("RECONCILER_REDIS_URL", self.redis_url, ("redis", "rediss", "unix"))
+        if not _NAMESPACE_RE.match(self.namespace):
+            raise ConfigError(
+                f"RECONCILER_NAMESPACE: {self.namespace!r} is not 1-64 of [A-Za-z0-9_.:-]"
+            )
+        return self
+
+    @property
+    def lease_renew_interval_s(self) -> float:
+        """A live worker renews its leases every third of the visibility timeout."""
+        return self.visibility_timeout_s / 3
+
+
+def redact_url(url: str | None) -> str | None:
+    """The URL with its password replaced, safe for logs and error bodies."""
+    if url is None:
+        return None
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+
+
+def _check_url(name: str, url: str, schemes: tuple[str, ...]) -> None:
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError on a malformed port
+    except ValueError as exc:
+        raise ConfigError(f"{name}: malformed URL ({exc})") from None
+    if parts.scheme not in schemes:
+        raise ConfigError(
+            f"{name}: scheme must be one of {', '.join(schemes)}, got {parts.scheme!r}"
+        )
+
+
+def _parse_with(
+    kind: str, convert: Callable[[str], T], ok: Callable[[T], bool]
+) -> Callable[[str, str], T]:
+    def parse(name: str, raw: str) -> T:
+        try:
+            value = convert(raw)
+        except ValueError:
+            raise ConfigError(f"{name}: expected {kind}, got {raw!r}") from None
+        if not ok(value):
+            raise ConfigError(f"{name}: expected {kind}, got {raw!r}")
+        return value
+
+    return parse
+
+
+def _choice(*allowed: str) -> Callable[[str, str], str]:
+    return _parse_with(" or ".join(allowed), str, lambda v: v in allowed)
+
+
+_text = _parse_with("a non-empty string", str.strip, bool)
+_positive_int = _parse_with("a positive integer", int, lambda v: v > 0)
+_port = _parse_with("a port number 0-65535", int, lambda v: 0 <= v <= 65535)
+_positive_float = _parse_with("a positive number of seconds", float, lambda v: v > 0)
+_non_negative_float = _parse_with("a number of seconds >= 0", float, lambda v: v >= 0)
+
+_PARSERS: Final[dict[str, Callable[[str, str], Any]]] = {
+    "database_url": _text,
+    "redis_url": _text,
+    "namespace": _text,
+    "http_host": _text,
+    "http_port": _port,
+    "handler": _text,
+    "concurrency": _positive_int,
+    "sweep_interval_s": _positive_float,
+    "stuck_grace_s": _non_negative_float,
+    "visibility_timeout_s": _positive_float,
+    "max_attempts": _positive_int,
+    "file_timeout_s": _positive_float,
+    "drain_timeout_s": _non_negative_float,
+    "api_token": _text,
+    "log_format": _choice("json", "console"),
+    "flush_interval_s": _non_negative_float,
+    "flush_max_files": _positive_int,
+    "stats_interval_s": _positive_float,
+}

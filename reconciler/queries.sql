@@ -1,0 +1,283 @@
+-- Every statement the service runs, as reviewed text. Each block starts with
+-- "-- name: <query_name>" and takes positional parameters only ($1, $2, ...).
+
+-- name: insert_batch
+INSERT INTO batches (batch_id, run_id, metadata, files_digest, total_files, deadline_at)
+VALUES ($1, $2, $3, $4, $5, now() + make_interval(secs => $6::double precision))
+ON CONFLICT (batch_id) DO NOTHING
+RETURNING batch_id;
+
+-- name: batch_digest
+SELECT files_digest FROM batches WHERE batch_id = $1;
+
+-- name: insert_files
+INSERT INTO batch_files (batch_id, file_id, uri, payload, enqueued_at)
+SELECT $1, f.file_id, f.uri, f.payload, now()
+FROM unnest($2::text[], $3::text[], $4::jsonb[]) AS f (file_id, uri, payload);
+
+-- name: set_job_ids
+UPDATE batch_files f
+SET job_id = j.job_id, enqueued_at = now()
+FROM unnest($2::text[], $3::text[]) AS j (file_id, job_id)
+WHERE f.batch_id = $1 AND f.file_id = j.file_id AND f.status = 'pending';
+
+-- name: start_files
+-- Claims delivered jobs for this worker. Returns one row per input position:
+-- known = the file exists; attempts is NULL when the file is already terminal.
+WITH input AS (
+    SELECT * FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS i (batch_id, file_id, pos)
+), claimed AS (
+    UPDATE batch_files f
+    SET status = 'processing', attempts = f.attempts + 1, worker = $3,
+        lease_expires_at = now() + make_interval(secs => $4::double precision),
+        started_at = coalesce(f.started_at, now())
+    FROM input i
+    WHERE f.batch_id = i.batch_id AND f.file_id = i.file_id
+      AND f.status IN ('pending', 'processing')
+    RETURNING f.batch_id, f.file_id, f.attempts
+)
+SELECT i.pos, (f.file_id IS NOT NULL) AS known, c.attempts
+FROM input i
+LEFT JOIN batch_files f ON f.batch_id = i.batch_id AND f.file_id = i.file_id
+LEFT JOIN claimed c ON c.batch_id = i.batch_id AND c.file_id = i.file_id
+ORDER BY i.pos;
+
+-- name: record_outcomes
+-- Writes many file outcomes in one statement and moves the per-batch counters.
+-- Only files not yet terminal change, so a redelivered job is never counted twice.
+-- Returns each touched batch and whether its last file is now terminal.
+WITH input AS (
+    SELECT * FROM unnest($1::text[], $2::text[], $3::boolean[], $4::text[], $5::text[],
+                         $6::double precision[], $7::integer[])
+        AS i (batch_id, file_id, ok, result, error, duration_s, attempts)
+), done AS (
+    UPDATE batch_files f
+    SET status = CASE WHEN i.ok THEN 'succeeded' ELSE 'failed' END,
+        result = i.result::jsonb, error = i.error, duration_s = i.duration_s,
+        attempts = greatest(f.attempts, i.attempts),
+        finished_at = now(), lease_expires_at = NULL, worker = NULL
+    FROM input i
+    WHERE f.batch_id = i.batch_id AND f.file_id = i.file_id
+      AND f.status IN ('pending', 'processing')
+    RETURNING f.batch_id, i.ok
+), counts AS (
+    SELECT batch_id, count(*) FILTER (WHERE ok) AS ok, count(*) FILTER (WHERE NOT ok) AS bad
+    FROM done GROUP BY batch_id
+)
+UPDATE batches b
+SET files_succeeded = b.files_succeeded + c.ok, files_failed = b.files_failed + c.bad,
+    last_file_completed_at = now()
+FROM counts c
+WHERE b.batch_id = c.batch_id AND b.status = 'processing'
+RETURNING b.batch_id, b.files_succeeded + b.files_failed = b.total_files AS complete;
+
+-- name: renew_leases
+UPDATE batch_files
+SET lease_expires_at = now() + make_interval(secs => $2::double precision)
+WHERE status = 'processing' AND worker = $1;
+
+-- name: try_lock_batch
+SELECT pg_try_advisory_xact_lock(hashtextextended('reconciler.batch:' || $1, 0));
+
+-- name: batch_for_update
+SELECT batch_id, run_id, status, total_files, files_succeeded, files_failed,
+       deadline_at, deadline_at IS NOT NULL AND deadline_at <= now() AS deadline_passed,
+       created_at, last_file_completed_at, metadata
+FROM batches WHERE batch_id = $1 FOR UPDATE;
+
+-- name: fail_remaining_files
+WITH failed AS (
+    UPDATE batch_files
+    SET status = 'failed', error = $2, finished_at = now(), lease_expires_at = NULL,
+        worker = NULL
+    WHERE batch_id = $1 AND status IN ('pending', 'processing')
+    RETURNING 1
+)
+UPDATE batches
+SET files_failed = files_failed + (SELECT count(*) FROM failed),
+    last_file_completed_at = CASE WHEN (SELECT count(*) FROM failed) > 0 THEN now()
+                                  ELSE last_file_completed_at END
+WHERE batch_id = $1
+RETURNING files_failed, last_file_completed_at;
+
+-- name: summarize_files
+SELECT min(started_at) AS first_file_started_at,
+       max(finished_at) AS last_file_finished_at,
+       jsonb_build_object(
+           'count', count(duration_s),
+           'sum', coalesce(sum(duration_s), 0),
+           'mean', avg(duration_s),
+           'p50', percentile_cont(0.5) WITHIN GROUP (ORDER BY duration_s),
+           'p95', percentile_cont(0.95) WITHIN GROUP (ORDER BY duration_s),
+           'max', max(duration_s)
+       ) AS processing_seconds
+FROM batch_files WHERE batch_id = $1;
+
+-- name: summarize_errors
+SELECT coalesce(jsonb_agg(jsonb_build_object('message', error, 'count', n)
+                          ORDER BY n DESC, error), '[]'::jsonb)
+FROM (
+    SELECT error, count(*) AS n FROM batch_files
+    WHERE batch_id = $1 AND status = 'failed'
+    GROUP BY error ORDER BY n DESC, error LIMIT $2
+) e;
+
+-- name: summarize_totals
+SELECT coalesce(jsonb_object_agg(key, total), '{}'::jsonb)
+FROM (
+    SELECT r.key, sum((r.value)::text::numeric) AS total
+    FROM batch_files f, jsonb_each(f.result) r
+    WHERE f.batch_id = $1 AND f.status = 'succeeded'
+      AND jsonb_typeof(f.result) = 'object' AND jsonb_typeof(r.value) = 'number'
+    GROUP BY r.key
+) t;
+
+-- name: mark_finalized
+UPDATE batches
+SET status = $2, completed_at = now(), finalized_by = $3
+WHERE batch_id = $1 AND status = 'processing'
+RETURNING completed_at,
+          extract(epoch FROM now() - coalesce(last_file_completed_at, created_at))
+              AS latency_s;
+
+-- name: insert_summary
+INSERT INTO run_summaries (
+    batch_id, run_id, status, finalized_by, total_files, files_succeeded, files_failed,
+    created_at, first_file_started_at, last_file_completed_at, completed_at,
+    processing_seconds, errors, totals, metadata)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)
+ON CONFLICT (batch_id) DO NOTHING;
+
+-- name: get_summary
+SELECT batch_id, run_id, status, finalized_by, total_files, files_succeeded, files_failed,
+       created_at, first_file_started_at, last_file_completed_at, completed_at,
+       processing_seconds, errors, totals, metadata
+FROM run_summaries WHERE batch_id = $1;
+
+-- name: get_progress
+SELECT s.batch_id, s.run_id, s.status, s.total_files, s.files_pending, s.files_processing,
+       s.files_success AS files_succeeded, s.files_failed, s.created_at,
+       s.last_file_completed_at, s.completed_at, s.finalized_by, b.deadline_at, b.metadata
+FROM batch_status_summary s JOIN batches b USING (batch_id)
+WHERE s.batch_id = $1;
+
+-- name: list_batches
+-- A page of batches, newest first; $1 status filter, $2 stuck-only, $3 grace, $4 cursor.
+SELECT s.batch_id, s.run_id, s.status, s.total_files, s.files_pending, s.files_processing,
+       s.files_success AS files_succeeded, s.files_failed, s.created_at,
+       s.last_file_completed_at, s.completed_at, s.finalized_by
+FROM batch_status_summary s
+WHERE ($1::text IS NULL OR s.status = $1)
+  AND (NOT $2::boolean OR (s.status = 'processing'
+       AND s.files_success + s.files_failed = s.total_files
+       AND coalesce(s.last_file_completed_at, s.created_at)
+           < now() - make_interval(secs => $3::double precision)))
+  AND ($4::timestamptz IS NULL OR s.created_at < $4)
+ORDER BY s.created_at DESC
+LIMIT $5;
+
+-- name: stuck_batches
+-- The original note's stuck-batch query: every file terminal, batch not finalized,
+-- last completion older than the grace period.
+SELECT batch_id, run_id, total_files, files_succeeded, files_failed,
+       last_file_completed_at,
+       extract(epoch FROM now() - coalesce(last_file_completed_at, created_at))
+           AS seconds_since_last_file
+FROM batches
+WHERE status = 'processing'
+  AND files_succeeded + files_failed = total_files
+  AND coalesce(last_file_completed_at, created_at)
+      < now() - make_interval(secs => $1::double precision)
+ORDER BY coalesce(last_file_completed_at, created_at)
+LIMIT $2;
+
+-- name: deadline_batches
+SELECT batch_id FROM batches
+WHERE status = 'processing' AND deadline_at <= now()
+ORDER BY deadline_at
+LIMIT $1;
+
+-- name: expired_leases
+-- Files whose worker stopped renewing its lease: back to pending, or failed when
+-- the attempts are spent. Returns what was done to each.
+WITH expired AS (
+    SELECT batch_id, file_id, attempts FROM batch_files
+    WHERE status = 'processing' AND lease_expires_at < now()
+    ORDER BY lease_expires_at
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE batch_files f
+SET status = 'pending', worker = NULL, lease_expires_at = NULL, enqueued_at = now()
+FROM expired e
+WHERE f.batch_id = e.batch_id AND f.file_id = e.file_id AND e.attempts < $1
+RETURNING f.batch_id, f.file_id;
+
+-- name: exhausted_leases
+SELECT batch_id, file_id, attempts FROM batch_files
+WHERE status = 'processing' AND lease_expires_at < now() AND attempts >= $1
+ORDER BY lease_expires_at
+LIMIT $2;
+
+-- name: unqueued_files
+-- Pending files enqueued longer ago than the grace period: candidates whose job
+-- may be missing (crash between commit and enqueue, or Redis lost its data).
+SELECT batch_id, file_id, uri, payload, job_id FROM batch_files
+WHERE status = 'pending'
+  AND (enqueued_at IS NULL OR enqueued_at < now() - make_interval(secs => $1::double precision))
+ORDER BY enqueued_at NULLS FIRST
+LIMIT $2;
+
+-- name: touch_pending
+UPDATE batch_files f SET enqueued_at = now()
+FROM unnest($1::text[], $2::text[]) AS t (batch_id, file_id)
+WHERE f.batch_id = t.batch_id AND f.file_id = t.file_id AND f.status = 'pending';
+
+-- name: requeue_files
+UPDATE batch_files f SET job_id = t.job_id, enqueued_at = now()
+FROM unnest($1::text[], $2::text[], $3::text[]) AS t (batch_id, file_id, job_id)
+WHERE f.batch_id = t.batch_id AND f.file_id = t.file_id AND f.status = 'pending';
+
+-- name: gauges
+SELECT count(*) AS in_progress,
+       count(*) FILTER (
+           WHERE files_succeeded + files_failed = total_files
+             AND coalesce(last_file_completed_at, created_at)
+                 < now() - make_interval(secs => $1::double precision)) AS stuck,
+       coalesce(extract(epoch FROM now() - min(created_at)), 0) AS oldest_age_s
+FROM batches WHERE status = 'processing';
+
+-- name: blocking_files
+SELECT file_id, uri, status, attempts, worker, lease_expires_at,
+       lease_expires_at < now() AS lease_expired, error
+FROM batch_files
+WHERE batch_id = $1 AND status IN ('pending', 'processing')
+ORDER BY file_id
+LIMIT $2;
+
+-- name: ping
+SELECT 1;
+
+-- name: record_migration
+INSERT INTO schema_migrations (version, name) VALUES ($1, $2);
+
+-- name: applied_migrations
+SELECT version FROM schema_migrations ORDER BY version;
+
+-- name: migrations_table_exists
+SELECT to_regclass('schema_migrations') IS NOT NULL;
+
+-- name: migration_lock
+SELECT pg_advisory_xact_lock($1);
+
+-- name: create_migrations_table
+CREATE TABLE IF NOT EXISTS schema_migrations (
+    version    integer PRIMARY KEY,
+    name       text NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now()
+);
+
+-- name: release_leases
+-- On a graceful stop: this worker's unfinished files become reclaimable at once.
+UPDATE batch_files SET lease_expires_at = now()
+WHERE status = 'processing' AND worker = $1;

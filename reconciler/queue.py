@@ -1,0 +1,193 @@
+"""The Redis port: the job stream, its consumer group and the dead-letter stream.
+
+Acknowledged entries are deleted from the stream at once, so the stream holds only
+jobs not yet done; that keeps it small and lets the sweeper ask "does this job still
+exist?" with one XRANGE. Driver exceptions become the service's own here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, Final
+
+import redis.asyncio as aioredis
+from redis import exceptions as redis_errors
+
+from reconciler.errors import RetryableError, TerminalError
+
+DEAD_LETTER_MAX_LEN: Final = 100_000
+SOCKET_TIMEOUT_S: Final = 10.0
+CONNECT_TIMEOUT_S: Final = 5.0
+HEALTH_CHECK_INTERVAL_S: Final = 15
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One stream entry handed to this consumer."""
+
+    id: str
+    fields: dict[bytes, bytes]
+
+
+@asynccontextmanager
+async def translated() -> AsyncIterator[None]:
+    """Turns redis exceptions into the service's own, without connection details."""
+    try:
+        yield
+    except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
+        raise RetryableError(f"redis: {type(exc).__name__}: {exc}") from exc
+    except redis_errors.RedisError as exc:
+        raise TerminalError(f"redis: {type(exc).__name__}: {exc}") from exc
+
+
+def _is_missing_group(exc: redis_errors.ResponseError) -> bool:
+    return str(exc).startswith("NOGROUP")
+
+
+class JobQueue:
+    """Jobs for one namespace: `{ns}:jobs`, group `{ns}:workers`, `{ns}:dead`."""
+
+    def __init__(self, client: aioredis.Redis, namespace: str) -> None:
+        self._redis = client
+        self.stream = f"{namespace}:jobs"
+        self.group = f"{namespace}:workers"
+        self.dead = f"{namespace}:dead"
+
+    @classmethod
+    def connect(cls, url: str, namespace: str) -> JobQueue:
+        client = aioredis.Redis.from_url(
+            url,
+            socket_timeout=SOCKET_TIMEOUT_S,
+            socket_connect_timeout=CONNECT_TIMEOUT_S,
+            health_check_interval=HEALTH_CHECK_INTERVAL_S,
+        )
+        return cls(client, namespace)
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+
+    async def ping(self) -> None:
+        async with translated():
+            await self._redis.ping()
+
+    async def ensure_group(self) -> None:
+        """Creates the stream and group if missing (first start, or Redis lost them)."""
+        async with translated():
+            try:
+                await self._redis.xgroup_create(self.stream, self.group, id="0", mkstream=True)
+            except redis_errors.ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+
+    async def enqueue(self, entries: Sequence[dict[str, str]]) -> list[str]:
+        """Appends jobs in one round trip; returns their stream ids in order."""
+        async with translated():
+            pipe = self._redis.pipeline(transaction=False)
+            for fields in entries:
+                pipe.xadd(self.stream, fields)  # type: ignore[arg-type]
+            ids = await pipe.execute()
+        return [i.decode() for i in ids]
+
+    async def read(self, consumer: str, count: int, block_ms: int) -> list[Delivery]:
+        """New jobs for this consumer, waiting up to block_ms for the first."""
+        reply = await self._group_call(
+            self._redis.xreadgroup,
+            self.group, consumer, {self.stream: ">"}, count=count, block=block_ms,
+        )  # fmt: skip
+        if not reply:
+            return []
+        return [Delivery(i.decode(), f) for i, f in reply[0][1] if f is not None]
+
+    async def claim_idle(
+        self, consumer: str, min_idle_ms: int, count: int, cursor: str
+    ) -> tuple[str, list[Delivery]]:
+        """Takes over jobs left idle by a stopped consumer; returns the next cursor."""
+        reply = await self._group_call(
+            self._redis.xautoclaim,
+            self.stream, self.group, consumer, min_idle_ms, start_id=cursor, count=count,
+        )  # fmt: skip
+        if not reply:
+            return "0-0", []
+        next_cursor, messages = reply[0], reply[1]
+        found = [Delivery(i.decode(), f) for i, f in messages if f is not None]
+        return next_cursor.decode(), found
+
+    async def renew(self, consumer: str, max_count: int) -> int:
+        """Resets the idle time of this consumer's pending jobs: its lease in Redis."""
+        pending = await self._group_call(
+            self._redis.xpending_range,
+            self.stream, self.group, "-", "+", max_count, consumername=consumer,
+        )  # fmt: skip
+        ids = [entry["message_id"] for entry in pending or []]
+        if ids:
+            await self._group_call(
+                self._redis.xclaim, self.stream, self.group, consumer, 0, ids, justid=True
+            )
+        return len(ids)
+
+    async def release(self, consumer: str, max_count: int, idle_ms: int) -> int:
+        """Marks this consumer's pending jobs idle for `idle_ms`: others claim them now."""
+        pending = await self._group_call(
+            self._redis.xpending_range,
+            self.stream, self.group, "-", "+", max_count, consumername=consumer,
+        )  # fmt: skip
+        ids = [entry["message_id"] for entry in pending or []]
+        if ids:
+            await self._group_call(
+                self._redis.xclaim, self.stream, self.group, consumer, 0, ids,
+                idle=idle_ms, justid=True,
+            )  # fmt: skip
+        return len(ids)
+
+    async def ack(self, ids: Sequence[str]) -> None:
+        """Acknowledges and deletes done jobs in one round trip."""
+        if not ids:
+            return
+        async with translated():
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.xack(self.stream, self.group, *ids)
+            pipe.xdel(self.stream, *ids)
+            await pipe.execute()
+
+    async def dead_letter(self, delivery: Delivery, reason: str) -> None:
+        """Moves a job to the dead-letter stream with its reason, then acknowledges it."""
+        fields: dict[Any, Any] = dict(delivery.fields)
+        fields.update({b"reason": reason, b"original_id": delivery.id, b"stream": self.stream})
+        async with translated():
+            pipe = self._redis.pipeline(transaction=True)
+            pipe.xadd(self.dead, fields, maxlen=DEAD_LETTER_MAX_LEN, approximate=True)
+            pipe.xack(self.stream, self.group, delivery.id)
+            pipe.xdel(self.stream, delivery.id)
+            await pipe.execute()
+
+    async def missing(self, ids: Sequence[str]) -> set[str]:
+        """Which of these job ids are no longer on the stream."""
+        async with translated():
+            pipe = self._redis.pipeline(transaction=False)
+            for job_id in ids:
+                pipe.xrange(self.stream, min=job_id, max=job_id, count=1)
+            found = await pipe.execute()
+        return {job_id for job_id, hit in zip(ids, found, strict=True) if not hit}
+
+    async def length(self) -> int:
+        """Jobs on the stream: waiting plus in flight (done ones are deleted)."""
+        async with translated():
+            return int(await self._redis.xlen(self.stream))
+
+    async def dead_letters(self, count: int = 100) -> list[Delivery]:
+        async with translated():
+            reply: Any = await self._redis.xrange(self.dead, count=count)
+        return [Delivery(i.decode(), f) for i, f in reply]
+
+    async def _group_call(self, method: Any, *args: Any, **kwargs: Any) -> Any:
+        """Calls a group command; recreates the group once if Redis lost it."""
+        async with translated():
+            try:
+                return await method(*args, **kwargs)
+            except redis_errors.ResponseError as exc:
+                if not _is_missing_group(exc):
+                    raise
+        await self.ensure_group()
+        return None
