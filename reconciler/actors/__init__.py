@@ -1,0 +1,1 @@
+"""The service's actors: each an async `run()` started by the supervisor."""

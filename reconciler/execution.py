@@ -1,0 +1,144 @@
+"""Runs the handler on one file: timeout per attempt, retries with backoff.
+
+Whatever the handler does (raise, hang, return something unserializable, kill its
+thread) ends as an Attempted value with a readable reason; nothing escapes.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any, Final
+
+import anyio
+import structlog
+
+from reconciler import metrics
+from reconciler.handlers import Handler, is_async
+from reconciler.jobs import FileJob
+
+log = structlog.get_logger("reconciler.execution")
+
+RETRY_BASE_DELAY_S: Final = 0.2
+RETRY_MAX_DELAY_S: Final = 10.0
+MAX_ERROR_CHARS: Final = 2000
+MAX_RESULT_BYTES: Final = 256 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Attempted:
+    """The final word on one file: its result as JSON text, or the last error."""
+
+    ok: bool
+    result: str | None
+    error: str | None
+    duration_s: float
+    attempts: int
+
+
+class HandlerCrashed(Exception):
+    """The handler raised something that is not an Exception (SystemExit, ...)."""
+
+
+def retry_delay_s(attempt: int, rng: Callable[[], float] = random.random) -> float:
+    """Exponential backoff with full jitter after the given failed attempt."""
+    ceiling = min(RETRY_MAX_DELAY_S, RETRY_BASE_DELAY_S * 2 ** (attempt - 1))
+    return float(ceiling * (0.5 + rng() / 2))
+
+
+def describe(exc: BaseException) -> str:
+    """A one-line reason for a failure, safe to store in a text column."""
+    if isinstance(exc, TimeoutError):
+        text = "timed out"
+    else:
+        message = str(exc) or type(exc).__name__
+        text = message if isinstance(exc, HandlerCrashed) else f"{type(exc).__name__}: {message}"
+    return text.replace("\x00", "\\0")[:MAX_ERROR_CHARS]
+
+
+def to_json(result: Any) -> str | None:
+    """The handler's result as JSON text, or ValueError saying why it cannot be."""
+    if result is None:
+        return None
+    try:
+        text = json.dumps(result, allow_nan=False, separators=(",", ":"))
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"result is not JSON-serializable: {exc}") from None
+    if "\\u0000" in text:
+        raise ValueError("result contains a NUL character, which Postgres cannot store")
+    if len(text) > MAX_RESULT_BYTES:
+        raise ValueError(f"result is {len(text)} bytes, more than {MAX_RESULT_BYTES}")
+    return text
+
+
+class Executor:
+    """Calls one handler with the service's timeout and retry policy."""
+
+    def __init__(self, handler: Handler, *, timeout_s: float, max_attempts: int, threads: int):
+        self._handler = handler
+        self._async = is_async(handler)
+        self._timeout_s = timeout_s
+        self._max_attempts = max_attempts
+        self._threads = anyio.CapacityLimiter(threads)
+
+    async def execute(self, job: FileJob) -> Attempted:
+        """Attempts the file until it succeeds or its attempts are spent."""
+        attempt = job.attempt
+        while True:
+            started = time.perf_counter()
+            try:
+                result = await self._attempt(replace(job, attempt=attempt))
+            except Exception as exc:
+                elapsed = time.perf_counter() - started
+                if attempt >= self._max_attempts:
+                    return self._failed(job, exc, elapsed, attempt)
+                await self._back_off(job, exc, attempt)
+                attempt += 1
+                continue
+            elapsed = time.perf_counter() - started
+            metrics.FILE_PROCESSING.observe(elapsed)
+            metrics.FILES_PROCESSED.labels("succeeded").inc()
+            return Attempted(True, result, None, elapsed, attempt)
+
+    async def _attempt(self, job: FileJob) -> str | None:
+        with anyio.fail_after(self._timeout_s):
+            if self._async:
+                raw = await self._handler(job)
+            else:
+                raw = await anyio.to_thread.run_sync(
+                    _guarded, self._handler, job, abandon_on_cancel=True, limiter=self._threads
+                )
+        return to_json(raw)
+
+    def _failed(self, job: FileJob, exc: Exception, elapsed: float, attempt: int) -> Attempted:
+        metrics.FILE_PROCESSING.observe(elapsed)
+        metrics.FILES_PROCESSED.labels("failed").inc()
+        reason = describe(exc)
+        log.warning(
+            "file_failed",
+            batch_id=job.batch_id, file_id=job.file_id, attempts=attempt, error=reason,
+        )  # fmt: skip
+        return Attempted(False, None, reason, elapsed, attempt)
+
+    async def _back_off(self, job: FileJob, exc: Exception, attempt: int) -> None:
+        metrics.FILES_PROCESSED.labels("retried").inc()
+        delay = retry_delay_s(attempt)
+        log.info(
+            "file_retry_scheduled",
+            batch_id=job.batch_id, file_id=job.file_id, attempt=attempt,
+            delay_s=round(delay, 3), error=describe(exc),
+        )  # fmt: skip
+        await anyio.sleep(delay)
+
+
+def _guarded(handler: Handler, job: FileJob) -> Any:
+    # A thread that raises SystemExit or KeyboardInterrupt must not take the service down.
+    try:
+        return handler(job)
+    except Exception:
+        raise
+    except BaseException as exc:
+        raise HandlerCrashed(f"handler crashed its thread: {type(exc).__name__}: {exc}") from None

@@ -1,0 +1,62 @@
+"""Jobs on the stream: one per file, encoded as a single JSON field.
+
+Decoding is strict: anything that is not exactly a job raises MalformedJob with a
+reason a human can act on, and the consumer dead-letters it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Final
+
+from reconciler.errors import MalformedJob
+
+JOB_FIELD: Final = "job"
+MAX_JOB_BYTES: Final = 1024 * 1024
+_REQUIRED: Final = ("batch_id", "file_id", "uri")
+_ALLOWED: Final = frozenset((*_REQUIRED, "payload"))
+
+
+@dataclass(frozen=True, slots=True)
+class FileJob:
+    """What a handler gets: one file of one batch."""
+
+    batch_id: str
+    file_id: str
+    uri: str
+    payload: Any = None
+    attempt: int = 1
+
+
+def encode(batch_id: str, file_id: str, uri: str, payload: Any) -> dict[str, str]:
+    """The stream entry's fields for one file."""
+    body = {"batch_id": batch_id, "file_id": file_id, "uri": uri, "payload": payload}
+    return {JOB_FIELD: json.dumps(body, separators=(",", ":"))}
+
+
+def decode(fields: dict[bytes, bytes]) -> FileJob:
+    """Turns a stream entry into a job, or raises MalformedJob saying why."""
+    raw = fields.get(JOB_FIELD.encode())
+    if raw is None:
+        raise MalformedJob(f"entry has no {JOB_FIELD!r} field")
+    if len(raw) > MAX_JOB_BYTES:
+        raise MalformedJob(f"job is {len(raw)} bytes, more than {MAX_JOB_BYTES}")
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise MalformedJob(f"job is not JSON: {exc}") from None
+    return _from_body(body)
+
+
+def _from_body(body: Any) -> FileJob:
+    if not isinstance(body, dict):
+        raise MalformedJob(f"job must be a JSON object, got {type(body).__name__}")
+    unknown = sorted(set(body) - _ALLOWED)
+    if unknown:
+        raise MalformedJob(f"job has unknown fields: {', '.join(unknown)}")
+    for key in _REQUIRED:
+        value = body.get(key)
+        if not isinstance(value, str) or not value:
+            raise MalformedJob(f"job field {key!r} must be a non-empty string")
+    return FileJob(body["batch_id"], body["file_id"], body["uri"], body.get("payload"))

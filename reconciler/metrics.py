@@ -1,0 +1,79 @@
+"""Every metric of the contract, defined once.
+
+Actors update these from the code paths that do the work. The batch gauges are read
+from the database, so every replica reports the same truth: aggregate them with max.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from prometheus_client import Counter, Gauge, Histogram
+
+TRIGGERS: Final = ("event", "sweep", "demand", "deadline")
+_LATENCY_BUCKETS_S: Final = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300,
+)  # fmt: skip
+
+BATCHES_STUCK: Final = Gauge(
+    "reconciler_batches_stuck",
+    "Batches whose every file is terminal but which are not finalized after the grace period.",
+)
+BATCHES_IN_PROGRESS: Final = Gauge("reconciler_batches_in_progress", "Batches not yet finalized.")
+OLDEST_UNFINALIZED_AGE: Final = Gauge(
+    "reconciler_oldest_unfinalized_batch_age_seconds",
+    "Age of the oldest batch not yet finalized, 0 when none.",
+)
+FINALIZATIONS: Final = Counter(
+    "reconciler_finalizations",
+    "Finalization attempts by what woke them and what came of it.",
+    ["trigger", "outcome"],
+)
+FINALIZATION_LATENCY: Final = Histogram(
+    "reconciler_finalization_latency_seconds",
+    "From a batch's last file completion to its finalization commit.",
+    ["trigger"],
+    buckets=_LATENCY_BUCKETS_S,
+)
+FILES_PROCESSED: Final = Counter(
+    "reconciler_files_processed",
+    "File attempts by outcome: succeeded, failed (final) or retried.",
+    ["outcome"],
+)
+FILE_PROCESSING: Final = Histogram(
+    "reconciler_file_processing_seconds",
+    "Handler time per file attempt.",
+    buckets=_LATENCY_BUCKETS_S,
+)
+JOBS_REDELIVERED: Final = Counter(
+    "reconciler_jobs_redelivered", "Jobs claimed back from a consumer that stopped."
+)
+JOBS_DEAD_LETTERED: Final = Counter(
+    "reconciler_jobs_dead_lettered", "Jobs moved to the dead-letter stream.", ["reason"]
+)
+QUEUE_PENDING: Final = Gauge(
+    "reconciler_queue_pending_jobs", "Jobs on the stream not yet acknowledged."
+)
+SWEEP_DURATION: Final = Histogram(
+    "reconciler_sweep_duration_seconds", "Time of one sweeper pass.", buckets=_LATENCY_BUCKETS_S
+)
+SWEEP_REPAIRS: Final = Counter(
+    "reconciler_sweep_repairs",
+    "Repairs made by the sweeper, by kind.",
+    ["kind"],
+)
+ACTOR_RESTARTS: Final = Counter(
+    "reconciler_actor_restarts", "Actors restarted after a crash.", ["actor"]
+)
+
+
+def preinitialize() -> None:
+    """Exports every label combination at zero so dashboards and rates start at once."""
+    for trigger in TRIGGERS:
+        FINALIZATION_LATENCY.labels(trigger)
+        for outcome in ("finalized", "not_ready", "busy", "already_finalized", "error"):
+            FINALIZATIONS.labels(trigger, outcome)
+    for outcome in ("succeeded", "failed", "retried"):
+        FILES_PROCESSED.labels(outcome)
+    for kind in ("finalized", "deadline", "lease_reclaimed", "lease_exhausted", "requeued"):
+        SWEEP_REPAIRS.labels(kind)

@@ -1,0 +1,65 @@
+"""Runs one actor for the life of the service, restarting it with backoff on crashes.
+
+Restarts are counted in `reconciler_actor_restarts_total{actor}` and logged; the
+health registry records which actors are up so `/healthz` can tell.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Final, Protocol
+
+import anyio
+import structlog
+
+from reconciler import metrics
+from reconciler.errors import RetryableError
+
+log = structlog.get_logger("reconciler.supervisor")
+
+RESTART_DELAY_S: Final = 0.1
+RESTART_MAX_DELAY_S: Final = 30.0
+HEALTHY_RUN_S: Final = 60.0
+
+
+class Actor(Protocol):
+    name: str
+
+    async def run(self) -> None: ...
+
+
+class Health:
+    """Which actors are running: written by the supervisor, read by the probes."""
+
+    def __init__(self) -> None:
+        self.running: dict[str, bool] = {}
+        self.restarts: dict[str, int] = {}
+
+    def alive(self) -> bool:
+        return all(self.running.values())
+
+
+async def supervise(actor: Actor, health: Health) -> None:
+    """Runs `actor.run()` until it returns; restarts it whenever it raises."""
+    delay = RESTART_DELAY_S
+    while True:
+        started = time.monotonic()
+        health.running[actor.name] = True
+        try:
+            await actor.run()
+        except Exception as exc:
+            health.running[actor.name] = False
+            health.restarts[actor.name] = health.restarts.get(actor.name, 0) + 1
+            metrics.ACTOR_RESTARTS.labels(actor.name).inc()
+            if time.monotonic() - started > HEALTHY_RUN_S:
+                delay = RESTART_DELAY_S
+            log.error(
+                "actor_crashed",
+                actor=actor.name, error=str(exc), restart_in_s=delay,
+                exc_info=not isinstance(exc, RetryableError),
+            )  # fmt: skip
+            await anyio.sleep(delay)
+            delay = min(delay * 2, RESTART_MAX_DELAY_S)
+            continue
+        health.running.pop(actor.name, None)
+        return
