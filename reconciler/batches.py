@@ -1,0 +1,203 @@
+"""Batch use cases shared by the HTTP API, the CLI and the Python client.
+
+Submitting writes the batch and its files in one transaction, then enqueues one job
+per file. A crash between the two loses nothing: files stay pending with no job and
+the sweeper re-enqueues them.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+from reconciler import jobs
+from reconciler.actors.finalizer import finalize
+from reconciler.database import Database, Row
+from reconciler.errors import BatchConflict, BatchNotFound, InvalidBatch
+from reconciler.queue import JobQueue
+
+CHUNK_FILES: Final = 2000
+BLOCKING_FILES_SHOWN: Final = 100
+
+
+@dataclass(frozen=True, slots=True)
+class FileSpec:
+    file_id: str
+    uri: str
+    payload: Any = None
+
+
+@dataclass(frozen=True, slots=True)
+class Submitted:
+    batch_id: str
+    created: bool
+    total_files: int
+
+
+def new_batch_id() -> str:
+    return f"batch-{uuid.uuid4().hex[:16]}"
+
+
+def files_digest(files: Sequence[FileSpec]) -> str:
+    """Identifies a set of files regardless of order, for idempotent resubmission."""
+    digest = hashlib.sha256()
+    for spec in sorted(files, key=lambda f: f.file_id):
+        line = json.dumps([spec.file_id, spec.uri, spec.payload], sort_keys=True)
+        digest.update(line.encode())
+        digest.update(b"\n")
+    return digest.hexdigest()
+
+
+def check_files(files: Sequence[FileSpec]) -> None:
+    seen: set[str] = set()
+    for spec in files:
+        if not spec.file_id or not spec.uri:
+            raise InvalidBatch("every file needs a non-empty file_id and uri")
+        if spec.file_id in seen:
+            raise InvalidBatch(f"duplicate file_id {spec.file_id!r}")
+        seen.add(spec.file_id)
+
+
+def _chunks(files: Sequence[FileSpec]) -> Iterator[Sequence[FileSpec]]:
+    for start in range(0, len(files), CHUNK_FILES):
+        yield files[start : start + CHUNK_FILES]
+
+
+async def submit(
+    db: Database,
+    queue: JobQueue,
+    files: Sequence[FileSpec],
+    *,
+    batch_id: str | None = None,
+    run_id: str | None = None,
+    metadata: dict[str, Any] | None = None,
+    deadline_s: float | None = None,
+) -> Submitted:
+    """Creates the batch and enqueues its files; same id and files again is a no-op."""
+    check_files(files)
+    batch_id = batch_id or new_batch_id()
+    digest = files_digest(files)
+    async with db.transaction() as tx:
+        created = await tx.fetchval(
+            "insert_batch", batch_id, run_id or batch_id, metadata or {}, digest, len(files),
+            deadline_s,
+        )  # fmt: skip
+        if created is None:
+            if await tx.fetchval("batch_digest", batch_id) != digest:
+                raise BatchConflict(f"batch {batch_id!r} exists with different files")
+            return Submitted(batch_id, False, len(files))
+        for chunk in _chunks(files):
+            await tx.execute(
+                "insert_files", batch_id, [f.file_id for f in chunk], [f.uri for f in chunk],
+                [f.payload for f in chunk],
+            )  # fmt: skip
+    await _enqueue(db, queue, batch_id, files)
+    if not files:
+        await finalize(db, batch_id, "event")
+    return Submitted(batch_id, True, len(files))
+
+
+async def _enqueue(db: Database, queue: JobQueue, batch_id: str, files: Sequence[FileSpec]) -> None:
+    for chunk in _chunks(files):
+        entries = [jobs.encode(batch_id, f.file_id, f.uri, f.payload) for f in chunk]
+        ids = await queue.enqueue(entries)
+        await db.execute("set_job_ids", batch_id, [f.file_id for f in chunk], ids)
+
+
+async def progress(db: Database, batch_id: str) -> dict[str, Any]:
+    row = await db.fetchrow("get_progress", batch_id)
+    if row is None:
+        raise BatchNotFound(f"no batch {batch_id!r}")
+    return _jsonable(row)
+
+
+async def summary(db: Database, batch_id: str) -> dict[str, Any] | None:
+    row = await db.fetchrow("get_summary", batch_id)
+    return None if row is None else _jsonable(row)
+
+
+async def stuck(db: Database, grace_s: float, limit: int = 1000) -> list[dict[str, Any]]:
+    return [_jsonable(r) for r in await db.fetch("stuck_batches", grace_s, limit)]
+
+
+async def page(
+    db: Database,
+    *,
+    status: str | None,
+    stuck_only: bool,
+    grace_s: float,
+    before: dt.datetime | None,
+    limit: int,
+) -> list[dict[str, Any]]:
+    rows = await db.fetch("list_batches", status, stuck_only, grace_s, before, limit)
+    return [_jsonable(r) for r in rows]
+
+
+async def explain(db: Database, batch_id: str, grace_s: float) -> dict[str, Any]:
+    """Every finalization condition, whether it holds, and the files that block it."""
+    batch = await progress(db, batch_id)
+    blocking = await db.fetch("blocking_files", batch_id, BLOCKING_FILES_SHOWN)
+    conditions = _conditions(batch, grace_s)
+    return {
+        "batch_id": batch_id,
+        "status": batch["status"],
+        "finalized_by": batch["finalized_by"],
+        "verdict": _verdict(batch, conditions),
+        "conditions": conditions,
+        "blocking_files": [_jsonable(r) for r in blocking],
+    }
+
+
+def _conditions(batch: dict[str, Any], grace_s: float) -> list[dict[str, Any]]:
+    done = batch["files_succeeded"] + batch["files_failed"]
+    last = batch["last_file_completed_at"] or batch["created_at"]
+    age = (dt.datetime.now(dt.UTC) - dt.datetime.fromisoformat(last)).total_seconds()
+    return [
+        _cond("not_finalized", batch["status"] == "processing", f"status is {batch['status']}"),
+        _cond("no_files_pending", batch["files_pending"] == 0, f"{batch['files_pending']} pending"),
+        _cond(
+            "no_files_processing",
+            batch["files_processing"] == 0,
+            f"{batch['files_processing']} processing",
+        ),
+        _cond(
+            "every_file_terminal",
+            done == batch["total_files"],
+            f"{done} of {batch['total_files']} files succeeded or failed",
+        ),
+        _cond(
+            "sweep_grace_elapsed",
+            age >= grace_s,
+            f"last file completed {age:.1f} s ago; the sweeper waits {grace_s:g} s",
+        ),
+    ]
+
+
+def _cond(name: str, holds: bool, detail: str) -> dict[str, Any]:
+    return {"name": name, "holds": holds, "detail": detail}
+
+
+def _verdict(batch: dict[str, Any], conditions: list[dict[str, Any]]) -> str:
+    if batch["status"] != "processing":
+        return f"finalized ({batch['status']}) by {batch['finalized_by']}"
+    if all(c["holds"] for c in conditions[1:4]):
+        return "complete but not finalized: the next event, sweep or summary request finalizes it"
+    waiting = batch["files_pending"] + batch["files_processing"]
+    return f"waiting for {waiting} file(s) to finish"
+
+
+def _jsonable(row: Row) -> dict[str, Any]:
+    return {key: _plain(value) for key, value in row.items()}
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dt.datetime):
+        return value.isoformat()
+    if hasattr(value, "__float__") and not isinstance(value, int | float | bool):
+        return float(value)
+    return value

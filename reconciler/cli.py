@@ -1,0 +1,152 @@
+"""The `reconciler` command line: the only place that reads the environment.
+
+Exit codes: 0 success, 1 operational failure, 2 usage or configuration error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Final
+
+import anyio
+import structlog
+
+from reconciler import batches, logs, migrations
+from reconciler.app import Role, open_ports, run_service
+from reconciler.client import Client, files_from_paths
+from reconciler.config import Settings, redact_url
+from reconciler.errors import ConfigError, ReconcilerError, UsageError
+from reconciler.views import print_explain, print_progress, print_stuck, print_summary
+
+log = structlog.get_logger("reconciler.cli")
+
+EXIT_OK: Final = 0
+EXIT_FAILURE: Final = 1
+EXIT_USAGE: Final = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="reconciler", description="Finalizes every batch of file-processing work."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser("migrate", help="apply the schema migrations (safe to run concurrently)")
+    run = sub.add_parser("run", help="run the service")
+    run.add_argument("--role", choices=[r.value for r in Role], default=Role.ALL.value)
+    submit = sub.add_parser("submit", help="submit one batch made of files or folders")
+    submit.add_argument("paths", nargs="+", metavar="PATH", type=Path)
+    submit.add_argument("--batch-id")
+    submit.add_argument("--deadline-s", type=float)
+    submit.add_argument("--wait", action="store_true", help="wait for the batch to finalize")
+    submit.add_argument("--timeout-s", type=float, default=600.0, help="with --wait")
+    for name, help_text in (
+        ("status", "show a batch's progress"),
+        ("explain", "why a batch is or is not finalized"),
+    ):
+        cmd = sub.add_parser(name, help=help_text)
+        cmd.add_argument("batch_id")
+        cmd.add_argument("--json", action="store_true")
+    stuck = sub.add_parser("stuck", help="list batches complete but not finalized")
+    stuck.add_argument("--json", action="store_true")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = Settings.from_env(os.environ)
+        logs.configure(settings.log_format)
+        return anyio.run(_dispatch, args, settings, backend_options={"use_uvloop": True})
+    except ConfigError as exc:
+        print(f"reconciler: configuration error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except UsageError as exc:
+        print(f"reconciler: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except ReconcilerError as exc:
+        print(f"reconciler: error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return EXIT_FAILURE
+
+
+async def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
+    commands: dict[str, Callable[[argparse.Namespace, Settings], Awaitable[int]]] = {
+        "migrate": _migrate,
+        "run": _run,
+        "submit": _submit,
+        "status": _status,
+        "explain": _explain,
+        "stuck": _stuck,
+    }
+    return await commands[args.command](args, settings)
+
+
+async def _migrate(_: argparse.Namespace, settings: Settings) -> int:
+    async with open_ports(settings) as ports:
+        applied = await migrations.migrate(ports.db)
+    log.info(
+        "migrations_applied",
+        applied=[f"{m.version:04d}_{m.name}" for m in applied],
+        database=redact_url(settings.database_url),
+    )
+    return EXIT_OK
+
+
+async def _run(args: argparse.Namespace, settings: Settings) -> int:
+    stop = anyio.Event()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(_watch_signals, stop, tg.cancel_scope)
+        await run_service(settings, Role(args.role), stop)
+        tg.cancel_scope.cancel()
+    return EXIT_OK
+
+
+async def _watch_signals(stop: anyio.Event, scope: anyio.CancelScope) -> None:
+    """First SIGTERM/SIGINT drains; a second one exits at once."""
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            if stop.is_set():
+                log.warning("shutdown_forced", signal=signal.Signals(signum).name)
+                scope.cancel()
+                return
+            log.info("shutdown_requested", signal=signal.Signals(signum).name)
+            stop.set()
+
+
+async def _submit(args: argparse.Namespace, settings: Settings) -> int:
+    files = files_from_paths(args.paths)
+    async with Client.open(settings) as client:
+        submitted = await client.submit(files, batch_id=args.batch_id, deadline_s=args.deadline_s)
+        verb = "created" if submitted.created else "already existed"
+        print(f"batch {submitted.batch_id} {verb} with {submitted.total_files} files")
+        if not args.wait:
+            return EXIT_OK
+        summary = await client.wait(submitted.batch_id, timeout_s=args.timeout_s, progress=True)
+    print_summary(summary)
+    return EXIT_OK
+
+
+async def _status(args: argparse.Namespace, settings: Settings) -> int:
+    async with open_ports(settings) as ports:
+        print_progress(await batches.progress(ports.db, args.batch_id), as_json=args.json)
+    return EXIT_OK
+
+
+async def _explain(args: argparse.Namespace, settings: Settings) -> int:
+    async with open_ports(settings) as ports:
+        report = await batches.explain(ports.db, args.batch_id, settings.stuck_grace_s)
+    print_explain(report, as_json=args.json)
+    return EXIT_OK
+
+
+async def _stuck(args: argparse.Namespace, settings: Settings) -> int:
+    async with open_ports(settings) as ports:
+        rows = await batches.stuck(ports.db, settings.stuck_grace_s)
+    print_stuck(rows, as_json=args.json)
+    return EXIT_OK

@@ -1,0 +1,86 @@
+"""How the CLI prints batches, summaries and explanations: rich tables, or JSON."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+_console = Console()
+
+
+def _json(value: Any) -> None:
+    print(json.dumps(value, indent=2, default=str))
+
+
+def _pairs(title: str, values: dict[str, Any]) -> Table:
+    table = Table(title=title, show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    for key, value in values.items():
+        table.add_row(key, "" if value is None else str(value))
+    return table
+
+
+def print_progress(progress: dict[str, Any], *, as_json: bool = False) -> None:
+    if as_json:
+        _json(progress)
+        return
+    _console.print(_pairs(f"batch {progress['batch_id']}", progress))
+
+
+def print_summary(summary: dict[str, Any], *, as_json: bool = False) -> None:
+    if as_json:
+        _json(summary)
+        return
+    head = {k: v for k, v in summary.items() if k not in ("errors", "totals", "metadata")}
+    _console.print(_pairs(f"run summary of {summary['batch_id']}", head))
+    if summary.get("totals"):
+        _console.print(_pairs("totals of the handlers' numeric results", summary["totals"]))
+    if summary.get("errors"):
+        errors = Table(title="errors", show_lines=False)
+        errors.add_column("count", justify="right")
+        errors.add_column("message")
+        for item in summary["errors"]:
+            errors.add_row(str(item["count"]), item["message"] or "")
+        _console.print(errors)
+
+
+def print_stuck(rows: list[dict[str, Any]], *, as_json: bool = False) -> None:
+    if as_json:
+        _json(rows)
+        return
+    table = Table(title=f"{len(rows)} stuck batch(es)")
+    for name in ("batch_id", "succeeded", "failed", "total", "last file completed", "idle s"):
+        table.add_column(name)
+    for row in rows:
+        table.add_row(
+            row["batch_id"], str(row["files_succeeded"]), str(row["files_failed"]),
+            str(row["total_files"]), str(row["last_file_completed_at"]),
+            f"{row['seconds_since_last_file']:.1f}",
+        )  # fmt: skip
+    _console.print(table)
+
+
+def print_explain(report: dict[str, Any], *, as_json: bool = False) -> None:
+    if as_json:
+        _json(report)
+        return
+    _console.print(f"[bold]{report['batch_id']}[/]: {report['verdict']}")
+    table = Table(title="finalization conditions")
+    for name in ("condition", "holds", "detail"):
+        table.add_column(name)
+    for cond in report["conditions"]:
+        mark = "[green]yes[/]" if cond["holds"] else "[red]no[/]"
+        table.add_row(cond["name"], mark, cond["detail"])
+    _console.print(table)
+    if report["blocking_files"]:
+        files = Table(title="files blocking finalization")
+        for name in ("file_id", "status", "attempts", "worker", "lease expired"):
+            files.add_column(name)
+        for f in report["blocking_files"]:
+            files.add_row(f["file_id"], f["status"], str(f["attempts"]), str(f["worker"] or ""),
+                          str(f["lease_expired"] or False))  # fmt: skip
+        _console.print(files)
