@@ -1,0 +1,96 @@
+"""The handler runner: retries, timeouts, crashes and results, without any service."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from reconciler.execution import Executor, describe, retry_delay_s, to_json
+from reconciler.jobs import FileJob
+
+JOB = FileJob("b", "f", "/nowhere")
+
+
+def _executor(handler: Any, attempts: int = 3, timeout_s: float = 1.0) -> Executor:
+    return Executor(handler, timeout_s=timeout_s, max_attempts=attempts, threads=2)
+
+
+async def test_sync_handler_result_is_json_text() -> None:
+    """A sync handler runs in a thread and its dict becomes JSON text."""
+    done = await _executor(lambda job: {"n": 1, "id": job.file_id}).execute(JOB)
+    assert (done.ok, done.result, done.attempts) == (True, '{"n":1,"id":"f"}', 1)
+
+
+async def test_retries_until_success(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A handler failing twice succeeds on its third attempt."""
+    monkeypatch.setattr("reconciler.execution.RETRY_BASE_DELAY_S", 0.001)
+    seen: list[int] = []
+
+    def flaky(job: FileJob) -> None:
+        seen.append(job.attempt)
+        if job.attempt < 3:
+            raise ValueError("not yet")
+
+    done = await _executor(flaky).execute(JOB)
+    assert done.ok and done.attempts == 3 and seen == [1, 2, 3]
+
+
+async def test_gives_up_after_max_attempts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The last error is kept once the attempts are spent."""
+    monkeypatch.setattr("reconciler.execution.RETRY_BASE_DELAY_S", 0.001)
+
+    def broken(job: FileJob) -> None:
+        raise OSError(f"disk {job.attempt}")
+
+    done = await _executor(broken, attempts=2).execute(JOB)
+    assert (done.ok, done.error, done.attempts) == (False, "OSError: disk 2", 2)
+
+
+async def test_async_handler_timeout() -> None:
+    """An async handler that never returns is cut at the timeout."""
+    import anyio
+
+    async def hang(job: FileJob) -> None:
+        await anyio.sleep_forever()
+
+    done = await _executor(hang, attempts=1, timeout_s=0.05).execute(JOB)
+    assert (done.ok, done.error) == (False, "timed out")
+
+
+async def test_thread_killing_handler_is_a_failure() -> None:
+    """SystemExit raised in the handler's thread fails the file, not the service."""
+
+    def exits(job: FileJob) -> None:
+        raise SystemExit(3)
+
+    done = await _executor(exits, attempts=1).execute(JOB)
+    assert done.error == "handler crashed its thread: SystemExit: 3"
+
+
+async def test_unserializable_result_fails_the_file() -> None:
+    """A result JSON cannot hold is a failure with the reason."""
+    done = await _executor(lambda job: {"when": object()}, attempts=1).execute(JOB)
+    assert not done.ok and "not JSON-serializable" in (done.error or "")
+
+
+def test_to_json_rejects_nul_and_nan() -> None:
+    """Values Postgres jsonb refuses are rejected before the write."""
+    with pytest.raises(ValueError, match="NUL"):
+        to_json({"s": "a\x00b"})
+    with pytest.raises(ValueError, match="not JSON-serializable"):
+        to_json({"x": float("nan")})
+    assert to_json(None) is None
+
+
+def test_backoff_grows_and_is_capped() -> None:
+    """Delays double per attempt, stay within jitter bounds and never pass the cap."""
+    assert retry_delay_s(1, lambda: 1.0) == pytest.approx(0.2)
+    assert retry_delay_s(2, lambda: 0.0) == pytest.approx(0.2)
+    assert retry_delay_s(30, lambda: 1.0) == pytest.approx(10.0)
+
+
+def test_describe_strips_nul_and_bounds_length() -> None:
+    """Error text is storable: no NUL byte, at most 2000 characters."""
+    text = describe(ValueError("x\x00" + "y" * 5000))
+    assert "\x00" not in text and len(text) == 2000
