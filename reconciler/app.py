@@ -82,7 +82,7 @@ class Service:
     health: Health = field(default_factory=Health)
     consumer: Consumer | None = None
     actors: list[Actor] = field(default_factory=list)
-    api: Api | None = None
+    api: Api | None = None  # set by __post_init__: every role serves probes and /metrics
     channels: list[Any] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -92,8 +92,10 @@ class Service:
             self._add_worker()
         if Role.SWEEPER in wants:
             self.actors.append(Sweeper(self.settings, self.ports.db, self.ports.queue))
-        if Role.API in wants:
-            self.api = Api(self.settings, self.ports.db, self.ports.queue, self.health, self.stop)
+        self.api = Api(
+            self.settings, self.ports.db, self.ports.queue, self.health, self.stop,
+            batches_api=Role.API in wants,
+        )  # fmt: skip
 
     def _add_worker(self) -> None:
         progress_send, progress_recv = anyio.create_memory_object_stream[BatchProgress](

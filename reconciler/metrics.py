@@ -11,6 +11,8 @@ from typing import Final
 from prometheus_client import Counter, Gauge, Histogram
 
 TRIGGERS: Final = ("event", "sweep", "demand", "deadline")
+DEAD_LETTER_REASONS: Final = ("malformed", "unknown_batch")
+ACTORS: Final = ("consumer", "detector", "finalizer", "sweeper", "monitor", "api")
 _LATENCY_BUCKETS_S: Final = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300,
 )  # fmt: skip
@@ -77,3 +79,7 @@ def preinitialize() -> None:
         FILES_PROCESSED.labels(outcome)
     for kind in ("finalized", "deadline", "lease_reclaimed", "lease_exhausted", "requeued"):
         SWEEP_REPAIRS.labels(kind)
+    for reason in DEAD_LETTER_REASONS:
+        JOBS_DEAD_LETTERED.labels(reason)
+    for actor in ACTORS:
+        ACTOR_RESTARTS.labels(actor)

@@ -78,12 +78,13 @@ def error(status: int, message: str, detail: Any = None, **headers: str) -> JSON
     return JSONResponse({"error": message, "detail": detail}, status_code=status, headers=headers)
 
 
-def create_app(ctx: Context) -> FastAPI:
-    """The ASGI app over the given ports; the API actor serves it."""
+def create_app(ctx: Context, *, batches_api: bool = True) -> FastAPI:
+    """The ASGI app over the given ports; probes and /metrics are always served."""
     app = FastAPI(title="batch-reconciler", version="0.1.0", docs_url=None, redoc_url=None)
     _install_errors(app)
     _install_body_limit(app)
-    _install_batches(app, ctx)
+    if batches_api:
+        _install_batches(app, ctx)
     _install_probes(app, ctx)
     return app
 

@@ -1,5 +1,7 @@
 """The API actor: serves the HTTP app (batches, probes, /metrics) with uvicorn.
 
+Every role serves the probes and /metrics; only roles `all` and `api` serve /api.
+
 It runs in the service's task group like every actor; signals belong to the service,
 so uvicorn's own handlers are disabled, and shutdown is asked for, not cancelled.
 """
@@ -36,10 +38,18 @@ class Api:
     name = "api"
 
     def __init__(
-        self, settings: Settings, db: Database, queue: JobQueue, health: Health, stop: anyio.Event
+        self,
+        settings: Settings,
+        db: Database,
+        queue: JobQueue,
+        health: Health,
+        stop: anyio.Event,
+        *,
+        batches_api: bool = True,
     ) -> None:
         self._settings = settings
-        self.app = create_app(Context(settings, db, queue, health, stop))
+        context = Context(settings, db, queue, health, stop)
+        self.app = create_app(context, batches_api=batches_api)
         self.port: int | None = None
         self.started = anyio.Event()
         self._server: _Server | None = None
