@@ -26,6 +26,10 @@ RETRY_BASE_DELAY_S: Final = 0.2
 RETRY_MAX_DELAY_S: Final = 10.0
 MAX_ERROR_CHARS: Final = 2000
 MAX_RESULT_BYTES: Final = 256 * 1024
+# Resolved once: a label lookup per file is measurable at thousands of files a second.
+_SUCCEEDED: Final = metrics.FILES_PROCESSED.labels("succeeded")
+_FAILED: Final = metrics.FILES_PROCESSED.labels("failed")
+_RETRIED: Final = metrics.FILES_PROCESSED.labels("retried")
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,7 +94,9 @@ class Executor:
         while True:
             started = time.perf_counter()
             try:
-                result = await self._attempt(replace(job, attempt=attempt))
+                result = await self._attempt(
+                    job if job.attempt == attempt else replace(job, attempt=attempt)
+                )
             except Exception as exc:
                 elapsed = time.perf_counter() - started
                 if attempt >= self._max_attempts:
@@ -100,7 +106,7 @@ class Executor:
                 continue
             elapsed = time.perf_counter() - started
             metrics.FILE_PROCESSING.observe(elapsed)
-            metrics.FILES_PROCESSED.labels("succeeded").inc()
+            _SUCCEEDED.inc()
             return Attempted(True, result, None, elapsed, attempt)
 
     async def _attempt(self, job: FileJob) -> str | None:
@@ -115,7 +121,7 @@ class Executor:
 
     def _failed(self, job: FileJob, exc: Exception, elapsed: float, attempt: int) -> Attempted:
         metrics.FILE_PROCESSING.observe(elapsed)
-        metrics.FILES_PROCESSED.labels("failed").inc()
+        _FAILED.inc()
         reason = describe(exc)
         log.warning(
             "file_failed",
@@ -124,7 +130,7 @@ class Executor:
         return Attempted(False, None, reason, elapsed, attempt)
 
     async def _back_off(self, job: FileJob, exc: Exception, attempt: int) -> None:
-        metrics.FILES_PROCESSED.labels("retried").inc()
+        _RETRIED.inc()
         delay = retry_delay_s(attempt)
         log.info(
             "file_retry_scheduled",

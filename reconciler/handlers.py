@@ -53,8 +53,8 @@ def inspect_file(job: FileJob) -> dict[str, Any]:
     }
 
 
-def noop(job: FileJob) -> None:
-    """Returns at once: measures the service, not the handler."""
+async def noop(job: FileJob) -> None:
+    """Returns at once, on the event loop: measures the service, not the handler."""
 
 
 async def simulate(job: FileJob) -> dict[str, Any]:

@@ -100,53 +100,56 @@ SET files_failed = files_failed + (SELECT count(*) FROM failed),
 WHERE batch_id = $1
 RETURNING files_failed, last_file_completed_at;
 
--- name: summarize_files
-SELECT min(started_at) AS first_file_started_at,
-       max(finished_at) AS last_file_finished_at,
-       jsonb_build_object(
-           'count', count(duration_s),
-           'sum', coalesce(sum(duration_s), 0),
-           'mean', avg(duration_s),
-           'p50', percentile_cont(0.5) WITHIN GROUP (ORDER BY duration_s),
-           'p95', percentile_cont(0.95) WITHIN GROUP (ORDER BY duration_s),
-           'max', max(duration_s)
-       ) AS processing_seconds
-FROM batch_files WHERE batch_id = $1;
-
--- name: summarize_errors
-SELECT coalesce(jsonb_agg(jsonb_build_object('message', error, 'count', n)
-                          ORDER BY n DESC, error), '[]'::jsonb)
-FROM (
-    SELECT error, count(*) AS n FROM batch_files
-    WHERE batch_id = $1 AND status = 'failed'
-    GROUP BY error ORDER BY n DESC, error LIMIT $2
-) e;
-
--- name: summarize_totals
-SELECT coalesce(jsonb_object_agg(key, total), '{}'::jsonb)
-FROM (
-    SELECT r.key, sum((r.value)::text::numeric) AS total
-    FROM batch_files f, jsonb_each(f.result) r
-    WHERE f.batch_id = $1 AND f.status = 'succeeded'
-      AND jsonb_typeof(f.result) = 'object' AND jsonb_typeof(r.value) = 'number'
-    GROUP BY r.key
-) t;
-
--- name: mark_finalized
-UPDATE batches
-SET status = $2, completed_at = now(), finalized_by = $3
-WHERE batch_id = $1 AND status = 'processing'
-RETURNING completed_at,
-          extract(epoch FROM now() - coalesce(last_file_completed_at, created_at))
-              AS latency_s;
-
--- name: insert_summary
+-- name: finalize_batch
+-- Marks the batch finalized and writes its run summary in one statement: counts,
+-- timings, errors grouped by message, and the handlers' numeric results summed.
+-- $1 batch, $2 status, $3 trigger, $4 how many error groups to keep.
+WITH marked AS (
+    UPDATE batches
+    SET status = $2, completed_at = clock_timestamp(), finalized_by = $3
+    WHERE batch_id = $1 AND status = 'processing'
+    RETURNING *
+), timings AS (
+    SELECT min(started_at) AS first_file_started_at,
+           jsonb_build_object(
+               'count', count(duration_s),
+               'sum', coalesce(sum(duration_s), 0),
+               'mean', avg(duration_s),
+               'p50', percentile_cont(0.5) WITHIN GROUP (ORDER BY duration_s),
+               'p95', percentile_cont(0.95) WITHIN GROUP (ORDER BY duration_s),
+               'max', max(duration_s)
+           ) AS processing_seconds
+    FROM batch_files WHERE batch_id = $1
+), errors AS (
+    SELECT coalesce(jsonb_agg(jsonb_build_object('message', error, 'count', n)
+                              ORDER BY n DESC, error), '[]'::jsonb) AS errors
+    FROM (
+        SELECT error, count(*) AS n FROM batch_files
+        WHERE batch_id = $1 AND status = 'failed'
+        GROUP BY error ORDER BY n DESC, error LIMIT $4
+    ) e
+), totals AS (
+    SELECT coalesce(jsonb_object_agg(key, total), '{}'::jsonb) AS totals
+    FROM (
+        SELECT r.key, sum((r.value)::text::numeric) AS total
+        FROM batch_files f, jsonb_each(f.result) r
+        WHERE f.batch_id = $1 AND f.status = 'succeeded'
+          AND jsonb_typeof(f.result) = 'object' AND jsonb_typeof(r.value) = 'number'
+        GROUP BY r.key
+    ) t
+)
 INSERT INTO run_summaries (
     batch_id, run_id, status, finalized_by, total_files, files_succeeded, files_failed,
     created_at, first_file_started_at, last_file_completed_at, completed_at,
     processing_seconds, errors, totals, metadata)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)
-ON CONFLICT (batch_id) DO NOTHING;
+SELECT m.batch_id, m.run_id, m.status, m.finalized_by, m.total_files, m.files_succeeded,
+       m.files_failed, m.created_at, t.first_file_started_at, m.last_file_completed_at,
+       m.completed_at, t.processing_seconds, e.errors, tt.totals, m.metadata
+FROM marked m, timings t, errors e, totals tt
+ON CONFLICT (batch_id) DO NOTHING
+RETURNING completed_at,
+          extract(epoch FROM completed_at - coalesce(last_file_completed_at, created_at))
+              AS latency_s;
 
 -- name: get_summary
 SELECT batch_id, run_id, status, finalized_by, total_files, files_succeeded, files_failed,

@@ -86,23 +86,10 @@ async def _decide(tx: Session, batch_id: str, trigger: str) -> FinalizeResult:
 async def _write(tx: Session, batch: Row, status: str, trigger: str) -> FinalizeResult:
     batch_id = batch["batch_id"]
     log.info("aggregation_started", batch_id=batch_id, trigger=trigger)
-    marked = await tx.fetchrow("mark_finalized", batch_id, status, trigger)
-    assert marked is not None, "batch row is locked FOR UPDATE and still processing"
-    files = await tx.fetchrow("summarize_files", batch_id)
-    assert files is not None
-    updated = await tx.fetchrow("batch_for_update", batch_id)
-    assert updated is not None
-    await tx.execute(
-        "insert_summary",
-        batch_id, batch["run_id"], status, trigger, updated["total_files"],
-        updated["files_succeeded"], updated["files_failed"], batch["created_at"],
-        files["first_file_started_at"], updated["last_file_completed_at"],
-        marked["completed_at"], files["processing_seconds"],
-        await tx.fetchval("summarize_errors", batch_id, MAX_ERROR_GROUPS),
-        await tx.fetchval("summarize_totals", batch_id), batch["metadata"],
-    )  # fmt: skip
+    row = await tx.fetchrow("finalize_batch", batch_id, status, trigger, MAX_ERROR_GROUPS)
     log.info("aggregation_finished", batch_id=batch_id, trigger=trigger)
-    return FinalizeResult(Outcome.FINALIZED, batch_id, trigger, status, float(marked["latency_s"]))
+    latency_s = float(row["latency_s"]) if row is not None else 0.0
+    return FinalizeResult(Outcome.FINALIZED, batch_id, trigger, status, latency_s)
 
 
 def _observe(result: FinalizeResult) -> None:
