@@ -19,15 +19,12 @@ from reconciler.database import Database
 from tests.services import Endpoints, choose, endpoints, unique_name, with_database
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    # Every coroutine test runs on anyio's asyncio backend.
-    for item in items:
-        if isinstance(item, pytest.Function) and _is_coroutine(item.obj):
-            item.add_marker(pytest.mark.anyio)
-
-
-def _is_coroutine(obj: Any) -> bool:
-    return inspect.iscoroutinefunction(obj)
+@pytest.hookimpl(tryfirst=True)
+def pytest_pycollect_makeitem(collector: pytest.Collector, name: str, obj: Any) -> None:
+    # Every coroutine test runs on anyio's asyncio backend; marking before anyio's own
+    # hook sees the function keeps parametrize ids and request.param intact.
+    if inspect.iscoroutinefunction(obj) and name.startswith("test"):
+        pytest.mark.anyio(obj)
 
 
 @pytest.fixture(scope="session")
