@@ -29,6 +29,7 @@ class Endpoints:
     database_url: str
     redis_url: str
     source: str
+    pids: tuple[int, ...] = ()
 
 
 def answers(url: str) -> bool:
@@ -84,8 +85,11 @@ def _embedded(db_url: str | None, redis_url: str | None) -> Iterator[Endpoints]:
 
     with contextlib.ExitStack() as stack:
         root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="reconciler-test-")))
+        pids: list[int] = []
         if not db_url:
-            db_url = stack.enter_context(embedded_postgres(root)).url
+            postgres = stack.enter_context(embedded_postgres(root))
+            db_url, pids = postgres.url, [*pids, postgres.pid]
         if not redis_url:
-            redis_url = stack.enter_context(embedded_redis(root)).url
-        yield Endpoints(db_url, redis_url, "embedded")
+            redis = stack.enter_context(embedded_redis(root))
+            redis_url, pids = redis.url, [*pids, redis.pid]
+        yield Endpoints(db_url, redis_url, "embedded", tuple(pids))
