@@ -16,7 +16,7 @@ from typing import Final
 import anyio
 import structlog
 
-from reconciler import batches, logs, migrations
+from reconciler import batches, demo, logs, migrations
 from reconciler.app import Role, open_ports, run_service
 from reconciler.client import Client, files_from_paths
 from reconciler.config import Settings, redact_url
@@ -53,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument("--json", action="store_true")
     stuck = sub.add_parser("stuck", help="list batches complete but not finalized")
     stuck.add_argument("--json", action="store_true")
+    demo.add_arguments(sub.add_parser("demo", help="zero-setup end-to-end run"))
     return parser
 
 
@@ -83,6 +84,7 @@ async def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         "status": _status,
         "explain": _explain,
         "stuck": _stuck,
+        "demo": demo.run_demo,
     }
     return await commands[args.command](args, settings)
 

@@ -36,6 +36,7 @@ def print_summary(summary: dict[str, Any], *, as_json: bool = False) -> None:
         _json(summary)
         return
     head = {k: v for k, v in summary.items() if k not in ("errors", "totals", "metadata")}
+    head["processing_seconds"] = _timings(summary.get("processing_seconds") or {})
     _console.print(_pairs(f"run summary of {summary['batch_id']}", head))
     if summary.get("totals"):
         _console.print(_pairs("totals of the handlers' numeric results", summary["totals"]))
@@ -46,6 +47,28 @@ def print_summary(summary: dict[str, Any], *, as_json: bool = False) -> None:
         for item in summary["errors"]:
             errors.add_row(str(item["count"]), item["message"] or "")
         _console.print(errors)
+
+
+def _timings(stats: dict[str, Any]) -> str:
+    if not stats.get("count"):
+        return "no file timed"
+    parts = [f"{key} {stats[key] * 1000:.1f} ms" for key in ("p50", "p95", "max") if stats.get(key)]
+    return f"{stats['count']} files: " + ", ".join(parts)
+
+
+def print_batches(summaries: list[dict[str, Any]]) -> None:
+    """One line per finalized batch: how it ended and what finalized it."""
+    table = Table(title="finalized batches")
+    for name in ("batch", "status", "finalized by", "succeeded", "failed"):
+        table.add_column(name, no_wrap=True)
+    table.add_column("most common error", overflow="ellipsis", no_wrap=True, max_width=40)
+    for s in summaries:
+        errors = f"{s['errors'][0]['count']}x {s['errors'][0]['message']}" if s["errors"] else ""
+        table.add_row(
+            s["batch_id"], s["status"], s["finalized_by"], str(s["files_succeeded"]),
+            str(s["files_failed"]), errors,
+        )  # fmt: skip
+    _console.print(table)
 
 
 def print_stuck(rows: list[dict[str, Any]], *, as_json: bool = False) -> None:
