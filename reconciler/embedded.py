@@ -83,20 +83,10 @@ def embedded_postgres(data_dir: Path) -> Iterator[EmbeddedServer]:
     """Run Postgres on a free 127.0.0.1 port with its cluster in `data_dir/postgres`."""
     pginstall = _package_path("pgserver", "pginstall")
     data_dir = _make_dir(data_dir)
-    account = _postgres_account()
-    if account is not None:
-        _grant_traversal(pginstall, account)
-    pgdata = _prepare_cluster(pginstall / "bin", data_dir, account)
-    launch = _Launch(
-        what="postgres",
-        argv=functools.partial(_postgres_argv, pginstall / "bin", _data_dir_arg(pgdata, account)),
-        is_ready=functools.partial(_postmaster_ready, pgdata),
-        log=data_dir / "postgres.log",
-        cwd=pgdata,
-        stop_signal=signal.SIGINT,  # fast shutdown: roll back sessions, checkpoint, exit
-        account=account,
-    )
-    with _serving(launch) as (proc, port):
+    with (
+        _exclusive(data_dir / "postgres.lock"),
+        _serving(_postgres_launch(pginstall, data_dir)) as (proc, port),
+    ):
         _ensure_database(pginstall / "bin", port)
         yield EmbeddedServer(f"postgresql://{PG_ROLE}@127.0.0.1:{port}/{PG_DATABASE}", proc.pid)
 
@@ -137,6 +127,20 @@ def _package_path(package: str, *parts: str) -> Path:
 def _make_dir(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     return path.resolve()
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path) -> Iterator[None]:
+    # One server per data dir: a second start (another demo, another xdist worker) fails at
+    # once instead of racing initdb or the first server's postmaster.pid.
+    with lock_path.open("a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise EmbeddedError(
+                f"{lock_path.parent} is in use by another embedded server"
+            ) from None
+        yield
 
 
 # --- running Postgres as a non-root user -----------------------------------------------------
@@ -215,6 +219,22 @@ def _server_env() -> dict[str, str]:
 
 
 # --- the Postgres cluster --------------------------------------------------------------------
+
+
+def _postgres_launch(pginstall: Path, data_dir: Path) -> _Launch:
+    account = _postgres_account()
+    if account is not None:
+        _grant_traversal(pginstall, account)
+    pgdata = _prepare_cluster(pginstall / "bin", data_dir, account)
+    return _Launch(
+        what="postgres",
+        argv=functools.partial(_postgres_argv, pginstall / "bin", _data_dir_arg(pgdata, account)),
+        is_ready=functools.partial(_postmaster_ready, pgdata),
+        log=data_dir / "postgres.log",
+        cwd=pgdata,
+        stop_signal=signal.SIGINT,  # fast shutdown: roll back sessions, checkpoint, exit
+        account=account,
+    )
 
 
 def _prepare_cluster(bindir: Path, data_dir: Path, account: _Account | None) -> Path:
@@ -312,7 +332,7 @@ def _postgres_argv(bindir: Path, data_dir_arg: str, port: int) -> list[str]:
 def _socket_dirs(path: str) -> str:
     # The unix socket lives in the cluster so it never collides with a system Postgres;
     # it is skipped (TCP only) where the path would be too long or unquotable.
-    if len(path) + len("/.s.PGSQL.65535") > _MAX_SOCKET_PATH or '"' in path:
+    if len(os.fsencode(path)) + len("/.s.PGSQL.65535") > _MAX_SOCKET_PATH or '"' in path:
         return ""
     return f'"{path}"'
 

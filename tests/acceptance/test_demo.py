@@ -15,16 +15,17 @@ DEMO_TIMEOUT_S = 120.0
 
 
 def _processes_using(path: Path) -> list[int]:
-    """Pids whose command line mentions the path (the embedded servers' data dir)."""
+    """Live pids working inside the path: the embedded servers run in their data dirs."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            cwd = (entry / "cwd").resolve()
+            state = (entry / "stat").read_text().split()[2]
         except OSError:
             continue
-        if str(path) in cmdline and "pytest" not in cmdline:
+        if state != "Z" and cwd.is_relative_to(path.resolve()):
             found.append(int(entry.name))
     return found
 
@@ -37,6 +38,7 @@ def _demo_env(**extra: str) -> dict[str, str]:
 async def test_demo_on_embedded_servers_shows_every_trigger_story(tmp_path: Path) -> None:
     """With no URLs the demo starts embedded servers, finalizes all, and leaves none running."""
     data = tmp_path / "demo-data"
+    assert _processes_using(Path.cwd()), "the check sees this very process"
     args = ("demo", "--data-dir", str(data), "--port", "0", "--kill-worker")
     done = await anyio.to_thread.run_sync(
         lambda: run_cli(_demo_env(), *args, timeout_s=DEMO_TIMEOUT_S)

