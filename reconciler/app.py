@@ -68,7 +68,7 @@ async def open_ports(settings: Settings) -> AsyncIterator[Ports]:
 
 
 def _pool_size(settings: Settings) -> int:
-    return max(4, min(20, settings.concurrency // 4 + 4))
+    return max(8, min(24, settings.concurrency // 2 + 8))
 
 
 @dataclass

@@ -45,6 +45,10 @@ async def translated() -> AsyncIterator[None]:
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
+    # The hot statements join a few hundred unnest()ed keys to batch_files by primary
+    # key. Planned generically, or with disk-era page costs, Postgres picks full scans
+    # that grow with the table; custom plans with cached-page costs use the index.
+    await conn.execute(QUERIES["session_settings"])
     for type_name in ("json", "jsonb"):
         await conn.set_type_codec(
             type_name, encoder=json.dumps, decoder=json.loads, schema="pg_catalog"

@@ -17,7 +17,7 @@ FROM unnest($2::text[], $3::text[], $4::jsonb[]) AS f (file_id, uri, payload);
 
 -- name: set_job_ids
 UPDATE batch_files f
-SET job_id = j.job_id, enqueued_at = now()
+SET job_id = j.job_id
 FROM unnest($2::text[], $3::text[]) AS j (file_id, job_id)
 WHERE f.batch_id = $1 AND f.file_id = j.file_id AND f.status = 'pending';
 
@@ -260,6 +260,10 @@ LIMIT $2;
 
 -- name: ping
 SELECT 1;
+
+-- name: session_settings
+SELECT set_config('plan_cache_mode', 'force_custom_plan', false),
+       set_config('random_page_cost', '1.1', false);
 
 -- name: record_migration
 INSERT INTO schema_migrations (version, name) VALUES ($1, $2);

@@ -28,6 +28,7 @@ from reconciler.queue import Delivery, JobQueue
 log = structlog.get_logger("reconciler.consumer")
 
 READ_BLOCK_MS: Final = 500
+READ_COUNT_MIN: Final = 128
 CLAIM_CHECK_INTERVAL_S: Final = 5.0
 WRITE_RETRY_DELAY_S: Final = 0.1
 WRITE_RETRY_MAX_DELAY_S: Final = 5.0
@@ -85,6 +86,8 @@ class Consumer:
         self._stop = stop
         self.consumer = name or consumer_name()
         self._claim_cursor = "0-0"
+        # Bigger reads mean fewer round trips to Redis and fewer claim statements.
+        self._read_count = max(settings.concurrency, READ_COUNT_MIN)
         self._scope = anyio.CancelScope()
 
     async def run(self) -> None:
@@ -143,9 +146,7 @@ class Consumer:
                 deliveries = await self._claim_idle()
                 next_claim = anyio.current_time() + CLAIM_CHECK_INTERVAL_S
             if not deliveries:
-                deliveries = await self._queue.read(
-                    self.consumer, self._settings.concurrency, READ_BLOCK_MS
-                )
+                deliveries = await self._queue.read(self.consumer, self._read_count, READ_BLOCK_MS)
             for item in await self._admit(deliveries):
                 await work.send(item)
 
@@ -254,9 +255,10 @@ class Consumer:
 
     async def _flush(self, group: list[Outcome]) -> None:
         rows = await self._retrying("record_outcomes", *_outcome_columns(group))
-        await self._ack([o.delivery_id for o in group])
+        # Committed: the detector may finalize while the acknowledgement is in flight.
         for row in rows:
             await self._progress.send(BatchProgress(row["batch_id"], bool(row["complete"])))
+        await self._ack([o.delivery_id for o in group])
 
     async def _retrying(self, query: str, *args: object) -> list[Row]:
         # Outcomes live only in memory until written: retry rather than drop them.

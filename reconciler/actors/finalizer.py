@@ -23,7 +23,7 @@ log = structlog.get_logger("reconciler.finalizer")
 
 TIMED_OUT_REASON: Final = "timed out: the batch deadline passed before this file finished"
 MAX_ERROR_GROUPS: Final = 50
-FINALIZE_CONCURRENCY: Final = 4
+FINALIZE_CONCURRENCY: Final = 8
 BUSY_RETRY_DELAY_S: Final = 0.05
 BUSY_RETRY_MAX_DELAY_S: Final = 2.0
 BUSY_RETRY_LIMIT: Final = 20
