@@ -1,0 +1,120 @@
+"""CPU time from /proc: the host, this run's Postgres backends, Redis, the harness.
+
+On a small shared machine the service, Postgres and Redis compete for the same cores
+with whatever else runs there; these figures say who used them during a run. Postgres
+time counts only the backends connected to the run's own database (found by their
+process title, sampled while they live), so other databases on the server do not
+count; Redis is one process shared by every namespace, so its figure includes others.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import redis.asyncio as aioredis
+
+
+class CpuMeter:
+    """Started before a run, polled during it, read at its end."""
+
+    def __init__(self, database: str, redis_pid: int | None) -> None:
+        self._title = f" {database} ".encode()
+        self._redis_pid = redis_pid
+        self._start = _host(), _harness_s(), _optional_s(redis_pid)
+        self._backends_start = self._backends()
+        self._backends_last = dict(self._backends_start)
+
+    @classmethod
+    async def start(cls, database_url: str, redis_url: str) -> CpuMeter:
+        database = urlsplit(database_url).path.lstrip("/")
+        return cls(database, await _redis_pid(redis_url))
+
+    def poll(self) -> None:
+        """Records the CPU time of this database's backends, before any of them exits."""
+        self._backends_last.update(self._backends())
+
+    def usage(self) -> dict[str, float | None]:
+        """CPU seconds of each program since the start; host busy seconds and share."""
+        self.poll()
+        (busy0, total0), harness0, redis0 = self._start
+        busy, total = _host()
+        redis = _optional_s(self._redis_pid)
+        postgres = sum(
+            v - self._backends_start.get(pid, 0.0) for pid, v in self._backends_last.items()
+        )
+        return {
+            "postgres_s": round(postgres, 3),
+            "redis_s": None if redis is None or redis0 is None else round(redis - redis0, 3),
+            "harness_s": round(_harness_s() - harness0, 3),
+            "host_busy_s": round(busy - busy0, 3),
+            "host_busy_pct": round(100 * (busy - busy0) / (total - total0), 1)
+            if total > total0
+            else 0.0,
+        }
+
+    def _backends(self) -> dict[int, float]:
+        found: dict[int, float] = {}
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit() and self._is_backend(entry):
+                seconds = _optional_s(int(entry.name))
+                if seconds is not None:
+                    found[int(entry.name)] = seconds
+        return found
+
+    def _is_backend(self, entry: Path) -> bool:
+        try:
+            title = (entry / "cmdline").read_bytes()
+        except OSError:  # gone meanwhile
+            return False
+        return title.startswith(b"postgres: ") and self._title in title
+
+
+async def _redis_pid(url: str) -> int | None:
+    client = aioredis.Redis.from_url(url)
+    try:
+        info = await client.info("server")
+    finally:
+        await client.aclose()
+    pid = int(info.get("process_id", 0))
+    return pid if pid and _stat(pid) is not None else None
+
+
+def process_s(pid: int) -> tuple[float, float]:
+    """User and system CPU time of a live process, all its threads, in seconds."""
+    stat = _stat(pid)
+    if stat is None:
+        raise ProcessLookupError(pid)
+    return int(stat[11]) / _ticks(), int(stat[12]) / _ticks()
+
+
+def _optional_s(pid: int | None) -> float | None:
+    stat = _stat(pid) if pid else None
+    return None if stat is None else (int(stat[11]) + int(stat[12])) / _ticks()
+
+
+def _host() -> tuple[float, float]:
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    total = sum(fields[:8])  # guest time is already counted in user
+    idle = fields[3] + fields[4]
+    return (total - idle) / _ticks(), total / _ticks()
+
+
+def _harness_s() -> float:
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    return own.ru_utime + own.ru_stime
+
+
+def _stat(pid: int) -> list[str] | None:
+    """Fields of /proc/<pid>/stat after the name (state first), None if gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return text[text.rindex(")") + 2 :].split()
+
+
+def _ticks() -> int:
+    return os.sysconf("SC_CLK_TCK")

@@ -1,0 +1,79 @@
+"""The benchmark harness at tiny sizes: each command runs and prints a sound JSON line.
+
+No timed assertions: the figures live in docs/PERFORMANCE.md. The harness makes its
+own throwaway database on the test server, and drops it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from tests.services import Endpoints
+
+REPO = Path(__file__).resolve().parents[2]
+RUN_TIMEOUT_S = 90.0
+THROUGHPUT_KEYS = {
+    "files_per_s", "batches", "files", "wall_s", "finalize_latency_ms",
+    "submit_files_per_s", "peak_rss_mb", "checks",
+}  # fmt: skip
+SWEEPER_QUERIES = {
+    "expired_leases", "exhausted_leases", "unqueued_files", "deadline_batches", "stuck_batches",
+}  # fmt: skip
+
+
+def bench(services: Endpoints, *args: str) -> dict[str, Any]:
+    """Runs `python -m bench ARGS` against the test services; returns its JSON line."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RECONCILER_")}
+    env.update(
+        RECONCILER_DATABASE_URL=services.database_url,
+        RECONCILER_REDIS_URL=services.redis_url,
+        PYTHONPATH=str(REPO),
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", *args], cwd=REPO, env=env, capture_output=True,
+        text=True, timeout=RUN_TIMEOUT_S, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+    lines = done.stdout.strip().splitlines()
+    assert len(lines) == 1, done.stdout
+    result: dict[str, Any] = json.loads(lines[0])
+    return result
+
+
+def test_throughput_finalizes_every_batch_exactly_once(services: Endpoints, tmp_path: Path) -> None:
+    """throughput: the JSON has every figure and each batch got one summary."""
+    result = bench(services, "throughput", "--batches", "3", "--files", "5",
+                   "--log-dir", str(tmp_path))  # fmt: skip
+    assert THROUGHPUT_KEYS <= result.keys()
+    assert (result["batches"], result["files"]) == (3, 15)
+    checks = result["checks"]
+    assert checks["ok"] is True
+    assert (checks["summaries"], checks["summary_files"], checks["unfinalized"]) == (3, 15, 0)
+    latency = result["finalize_latency_ms"]
+    assert sum(figures["n"] for figures in latency.values()) == 3
+    assert all({"p50", "p99", "max", "n"} <= figures.keys() for figures in latency.values())
+
+
+def test_sweep_times_both_histories_and_explains_each_query(services: Endpoints) -> None:
+    """sweep: timings for empty and filled history, ratio, a plan per sweeper query."""
+    result = bench(services, "sweep", "--history-batches", "100", "--history-files", "1000",
+                   "--passes", "3", "--unfinished-batches", "4")  # fmt: skip
+    assert result["checks"]["ok"] is True
+    assert {"median", "min", "p90", "max"} <= result["empty_ms"].keys()
+    assert {"median", "min", "p90", "max"} <= result["history_ms"].keys()
+    assert result["ratio"] is not None
+    for history in ("empty", "history"):
+        assert set(result["plans"][history]) == SWEEPER_QUERIES
+        assert all(plan["plan"] for plan in result["plans"][history].values())
+
+
+def test_submit_creates_and_enqueues_every_file(services: Endpoints) -> None:
+    """submit: every file of the timed batch has a job id and a job on the stream."""
+    result = bench(services, "submit", "--files", "200", "--repeat", "1")
+    assert result["checks"] == {"files_with_job": 200, "jobs_on_stream": 200, "ok": True}
+    assert len(result["seconds"]) == 1
