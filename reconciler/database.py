@@ -55,6 +55,14 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
         )
 
 
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    # asyncpg's default reset runs RESET ALL and more on every release: a round trip
+    # per pooled statement, and it would undo the planner settings above. Nothing
+    # here leaves session state behind (only transaction-level locks, no LISTEN, no
+    # cursors), and stray transactions are still rolled back by the pool itself.
+    return None
+
+
 class Session:
     """Named queries on one connection, usually inside a transaction."""
 
@@ -99,6 +107,7 @@ class Database:
                 timeout=CONNECT_TIMEOUT_S,
                 command_timeout=COMMAND_TIMEOUT_S,
                 init=_init_connection,
+                reset=_keep_session,
             )
         return cls(pool)
 
