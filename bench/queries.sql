@@ -38,7 +38,7 @@ GROUP BY finalized_by
 ORDER BY finalized_by;
 
 -- name: jobs_enqueued
-SELECT count(*) FROM batch_files WHERE job_id IS NOT NULL;
+SELECT count(*) FROM batch_files WHERE status = 'pending' AND enqueued_at IS NOT NULL;
 
 -- name: fill_batches
 -- History batches $1..$2, finalized long ago; batch g has $3 files, plus one when g <= $4.
@@ -55,10 +55,10 @@ FROM (
 
 -- name: fill_files
 -- The succeeded files of history batches $1..$2, matching fill_batches' counts.
-INSERT INTO batch_files (batch_id, file_id, uri, status, attempts, job_id, enqueued_at,
+INSERT INTO batch_files (batch_id, file_id, uri, status, attempts, enqueued_at,
                          started_at, finished_at, duration_s)
 SELECT 'hist-' || lpad(g::text, 9, '0'), 'file-' || k, 'bench://history/' || g || '/' || k,
-       'succeeded', 1, g || '-' || k, t, t, t + interval '1 second', 0.001
+       'succeeded', 1, t, t, t + interval '1 second', 0.001
 FROM (
     SELECT g, $3::integer + (g <= $4)::integer AS n,
            now() - interval '30 days' + g * interval '1 millisecond' AS t
@@ -89,13 +89,13 @@ FROM generate_series(1, $1::integer) g;
 
 -- name: seed_unfinished_files
 -- File k of each open batch: succeeded when k % 3 = 0, in flight under a live lease
--- when k % 3 = 1, pending with a fresh job when k % 3 = 2.
-INSERT INTO batch_files (batch_id, file_id, uri, status, attempts, job_id, enqueued_at,
+-- when k % 3 = 1, pending and freshly enqueued when k % 3 = 2.
+INSERT INTO batch_files (batch_id, file_id, uri, status, attempts, enqueued_at,
                          worker, lease_expires_at, started_at, finished_at, duration_s)
 SELECT 'open-' || g, 'file-' || k, 'bench://open/' || g || '/' || k,
        (ARRAY['succeeded', 'processing', 'pending'])[k % 3 + 1],
        CASE WHEN k % 3 = 2 THEN 0 ELSE 1 END,
-       'open-' || g || '-' || k, now(),
+       now(),
        CASE WHEN k % 3 = 1 THEN 'bench-worker' END,
        CASE WHEN k % 3 = 1 THEN now() + interval '1 hour' END,
        CASE WHEN k % 3 < 2 THEN now() END,

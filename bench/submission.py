@@ -71,7 +71,7 @@ async def _counted(place: Scratch) -> tuple[int, int]:
 
 def _checks(expected: int, enqueued: int, stream: int) -> dict[str, Any]:
     return {
-        "files_with_job": enqueued,
+        "files_pending": enqueued,
         "jobs_on_stream": stream,
         "ok": enqueued == expected and stream == expected,
     }

@@ -96,17 +96,16 @@ async def submit(
                 "insert_files", batch_id, [f.file_id for f in chunk], [f.uri for f in chunk],
                 [f.payload for f in chunk],
             )  # fmt: skip
-    await _enqueue(db, queue, batch_id, files)
+    await _enqueue(queue, batch_id, files)
     if not files:
         await finalize(db, batch_id, "event")
     return Submitted(batch_id, True, len(files))
 
 
-async def _enqueue(db: Database, queue: JobQueue, batch_id: str, files: Sequence[FileSpec]) -> None:
+async def _enqueue(queue: JobQueue, batch_id: str, files: Sequence[FileSpec]) -> None:
     for chunk in _chunks(files):
         entries = [jobs.encode(batch_id, f.file_id, f.uri, f.payload) for f in chunk]
-        ids = await queue.enqueue(entries)
-        await db.execute("set_job_ids", batch_id, [f.file_id for f in chunk], ids)
+        await queue.enqueue(entries, [jobs.member(batch_id, f.file_id) for f in chunk])
 
 
 async def progress(db: Database, batch_id: str) -> dict[str, Any]:

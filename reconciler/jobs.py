@@ -35,6 +35,11 @@ def encode(batch_id: str, file_id: str, uri: str, payload: Any) -> dict[str, str
     return {JOB_FIELD: json.dumps(body, separators=(",", ":"))}
 
 
+def member(batch_id: str, file_id: str) -> str:
+    """The file's entry in the set of files that have a job on the stream."""
+    return json.dumps([batch_id, file_id], separators=(",", ":"))
+
+
 def decode(fields: dict[bytes, bytes]) -> FileJob:
     """Turns a stream entry into a job, or raises MalformedJob saying why."""
     raw = fields.get(JOB_FIELD.encode())

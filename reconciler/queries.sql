@@ -15,12 +15,6 @@ INSERT INTO batch_files (batch_id, file_id, uri, payload, enqueued_at)
 SELECT $1, f.file_id, f.uri, f.payload, now()
 FROM unnest($2::text[], $3::text[], $4::jsonb[]) AS f (file_id, uri, payload);
 
--- name: set_job_ids
-UPDATE batch_files f
-SET job_id = j.job_id
-FROM unnest($2::text[], $3::text[]) AS j (file_id, job_id)
-WHERE f.batch_id = $1 AND f.file_id = j.file_id AND f.status = 'pending';
-
 -- name: start_files
 -- Claims delivered jobs for this worker. Returns one row per input position:
 -- known = the file exists; attempts is NULL when the file is already terminal.
@@ -225,7 +219,7 @@ LIMIT $2;
 -- name: unqueued_files
 -- Pending files enqueued longer ago than the grace period: candidates whose job
 -- may be missing (crash between commit and enqueue, or Redis lost its data).
-SELECT batch_id, file_id, uri, payload, job_id FROM batch_files
+SELECT batch_id, file_id, uri, payload FROM batch_files
 WHERE status = 'pending'
   AND (enqueued_at IS NULL OR enqueued_at < now() - make_interval(secs => $1::double precision))
 ORDER BY enqueued_at NULLS FIRST
@@ -234,11 +228,6 @@ LIMIT $2;
 -- name: touch_pending
 UPDATE batch_files f SET enqueued_at = now()
 FROM unnest($1::text[], $2::text[]) AS t (batch_id, file_id)
-WHERE f.batch_id = t.batch_id AND f.file_id = t.file_id AND f.status = 'pending';
-
--- name: requeue_files
-UPDATE batch_files f SET job_id = t.job_id, enqueued_at = now()
-FROM unnest($1::text[], $2::text[], $3::text[]) AS t (batch_id, file_id, job_id)
 WHERE f.batch_id = t.batch_id AND f.file_id = t.file_id AND f.status = 'pending';
 
 -- name: gauges

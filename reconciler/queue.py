@@ -1,8 +1,10 @@
 """The Redis port: the job stream, its consumer group and the dead-letter stream.
 
 Acknowledged entries are deleted from the stream at once, so the stream holds only
-jobs not yet done; that keeps it small and lets the sweeper ask "does this job still
-exist?" with one XRANGE. Driver exceptions become the service's own here.
+jobs not yet done. Beside it, the set `{ns}:queued` names every file that has a job
+on the stream, written in the same MULTI as the job and removed with its XACK, so
+the sweeper asks "is this file's job still there?" with one SMISMEMBER and Postgres
+never stores stream ids. Driver exceptions become the service's own here.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ class JobQueue:
         self.stream = f"{namespace}:jobs"
         self.group = f"{namespace}:workers"
         self.dead = f"{namespace}:dead"
+        self.queued = f"{namespace}:queued"
 
     @classmethod
     def connect(cls, url: str, namespace: str) -> JobQueue:
@@ -81,14 +84,16 @@ class JobQueue:
                 if "BUSYGROUP" not in str(exc):
                     raise
 
-    async def enqueue(self, entries: Sequence[dict[str, str]]) -> list[str]:
-        """Appends jobs in one round trip; returns their stream ids in order."""
+    async def enqueue(self, entries: Sequence[dict[str, str]], members: Sequence[str]) -> list[str]:
+        """Appends jobs and marks their files queued, atomically; returns the stream ids."""
         async with translated():
-            pipe = self._redis.pipeline(transaction=False)
+            pipe = self._redis.pipeline(transaction=True)
             for fields in entries:
                 pipe.xadd(self.stream, fields)  # type: ignore[arg-type]
-            ids = await pipe.execute()
-        return [i.decode() for i in ids]
+            if members:
+                pipe.sadd(self.queued, *members)
+            replies = await pipe.execute()
+        return [i.decode() for i in replies[: len(entries)]]
 
     async def read(self, consumer: str, count: int, block_ms: int) -> list[Delivery]:
         """New jobs for this consumer, waiting up to block_ms for the first."""
@@ -141,14 +146,16 @@ class JobQueue:
             )  # fmt: skip
         return len(ids)
 
-    async def ack(self, ids: Sequence[str]) -> None:
-        """Acknowledges and deletes done jobs in one round trip."""
+    async def ack(self, ids: Sequence[str], members: Sequence[str]) -> None:
+        """Acknowledges and deletes done jobs, and unmarks their files, in one round trip."""
         if not ids:
             return
         async with translated():
-            pipe = self._redis.pipeline(transaction=False)
+            pipe = self._redis.pipeline(transaction=True)
             pipe.xack(self.stream, self.group, *ids)
             pipe.xdel(self.stream, *ids)
+            if members:
+                pipe.srem(self.queued, *members)
             await pipe.execute()
 
     async def dead_letter(self, delivery: Delivery, reason: str) -> None:
@@ -162,14 +169,18 @@ class JobQueue:
             pipe.xdel(self.stream, delivery.id)
             await pipe.execute()
 
-    async def missing(self, ids: Sequence[str]) -> set[str]:
-        """Which of these job ids are no longer on the stream."""
+    async def missing(self, members: Sequence[str]) -> set[str]:
+        """Which of these files have no job on the stream (all, if the stream is gone)."""
+        if not members:
+            return set()
         async with translated():
-            pipe = self._redis.pipeline(transaction=False)
-            for job_id in ids:
-                pipe.xrange(self.stream, min=job_id, max=job_id, count=1)
-            found = await pipe.execute()
-        return {job_id for job_id, hit in zip(ids, found, strict=True) if not hit}
+            pipe = self._redis.pipeline(transaction=True)
+            pipe.exists(self.stream)
+            pipe.smismember(self.queued, list(members))
+            exists, flags = await pipe.execute()
+        if not exists:
+            return set(members)
+        return {m for m, queued in zip(members, flags, strict=True) if not queued}
 
     async def length(self) -> int:
         """Jobs on the stream: waiting plus in flight (done ones are deleted)."""

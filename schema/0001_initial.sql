@@ -33,7 +33,6 @@ CREATE TABLE batch_files (
     status           text NOT NULL DEFAULT 'pending'
                      CHECK (status IN ('pending', 'processing', 'succeeded', 'failed')),
     attempts         integer NOT NULL DEFAULT 0,
-    job_id           text,
     enqueued_at      timestamptz,
     worker           text,
     lease_expires_at timestamptz,

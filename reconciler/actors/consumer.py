@@ -183,18 +183,18 @@ class Consumer:
         self, parsed: list[tuple[Delivery, jobs.FileJob]], rows: list[Row]
     ) -> list[Work]:
         admitted: list[Work] = []
-        duplicates: list[str] = []
+        duplicates: list[tuple[str, str]] = []
         for (delivery, job), row in zip(parsed, rows, strict=True):
             if not row["known"]:
                 await self._dead_letter(delivery, "unknown_batch", "no such batch or file")
             elif row["attempts"] is None:
-                duplicates.append(delivery.id)
+                duplicates.append((delivery.id, jobs.member(job.batch_id, job.file_id)))
             else:
                 attempts = int(row["attempts"])
                 exhausted = attempts > self._settings.max_attempts
                 job = jobs.FileJob(job.batch_id, job.file_id, job.uri, job.payload, attempts)
                 admitted.append(Work(delivery.id, job, exhausted))
-        await self._queue.ack(duplicates)
+        await self._queue.ack([d for d, _ in duplicates], [m for _, m in duplicates])
         return admitted
 
     async def _dead_letter(self, delivery: Delivery, kind: str, reason: str) -> None:
@@ -258,7 +258,9 @@ class Consumer:
         # Committed: the detector may finalize while the acknowledgement is in flight.
         for row in rows:
             await self._progress.send(BatchProgress(row["batch_id"], bool(row["complete"])))
-        await self._ack([o.delivery_id for o in group])
+        await self._ack(
+            [o.delivery_id for o in group], [jobs.member(o.batch_id, o.file_id) for o in group]
+        )
 
     async def _retrying(self, query: str, *args: object) -> list[Row]:
         # Outcomes live only in memory until written: retry rather than drop them.
@@ -271,11 +273,11 @@ class Consumer:
             await anyio.sleep(delay)
             delay = min(delay * 2, WRITE_RETRY_MAX_DELAY_S)
 
-    async def _ack(self, ids: list[str]) -> None:
+    async def _ack(self, ids: list[str], members: list[str]) -> None:
         delay = WRITE_RETRY_DELAY_S
         while True:
             try:
-                await self._queue.ack(ids)
+                await self._queue.ack(ids, members)
                 return
             except RetryableError as exc:
                 log.warning("ack_failed", error=str(exc), retry_in_s=delay)

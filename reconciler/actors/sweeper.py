@@ -18,7 +18,7 @@ import structlog
 from reconciler import jobs, metrics
 from reconciler.actors.finalizer import Outcome, finalize
 from reconciler.config import Settings
-from reconciler.database import Database, Row
+from reconciler.database import Database, columns
 from reconciler.queue import JobQueue
 
 log = structlog.get_logger("reconciler.sweeper")
@@ -101,24 +101,16 @@ class Sweeper:
         rows = await self._db.fetch("unqueued_files", grace, SWEEP_BATCH_LIMIT)
         if not rows:
             return 0
-        known = [r["job_id"] for r in rows if r["job_id"]]
-        gone = await self._queue.missing(known) if known else set()
-        lost = [r for r in rows if r["job_id"] is None or r["job_id"] in gone]
-        waiting = [r for r in rows if r["job_id"] is not None and r["job_id"] not in gone]
-        if waiting:
-            await self._db.execute(
-                "touch_pending", [r["batch_id"] for r in waiting], [r["file_id"] for r in waiting]
-            )
-        return await self._requeue(lost)
-
-    async def _requeue(self, lost: list[Row]) -> int:
-        if not lost:
-            return 0
-        entries = [jobs.encode(r["batch_id"], r["file_id"], r["uri"], r["payload"]) for r in lost]
-        ids = await self._queue.enqueue(entries)
-        await self._db.execute(
-            "requeue_files", [r["batch_id"] for r in lost], [r["file_id"] for r in lost], ids
-        )
+        members = [jobs.member(r["batch_id"], r["file_id"]) for r in rows]
+        gone = await self._queue.missing(members)
+        lost = [r for r, m in zip(rows, members, strict=True) if m in gone]
+        if lost:
+            entries = [
+                jobs.encode(r["batch_id"], r["file_id"], r["uri"], r["payload"]) for r in lost
+            ]
+            await self._queue.enqueue(entries, [m for m in members if m in gone])
+        # Waiting or requeued, each is looked at again only after another grace period.
+        await self._db.execute("touch_pending", *columns(rows, "batch_id", "file_id"))
         for row in lost:
             log.info("file_requeued", batch_id=row["batch_id"], file_id=row["file_id"])
         return len(lost)

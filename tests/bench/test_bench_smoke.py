@@ -75,5 +75,5 @@ def test_sweep_times_both_histories_and_explains_each_query(services: Endpoints)
 def test_submit_creates_and_enqueues_every_file(services: Endpoints) -> None:
     """submit: every file of the timed batch has a job id and a job on the stream."""
     result = bench(services, "submit", "--files", "200", "--repeat", "1")
-    assert result["checks"] == {"files_with_job": 200, "jobs_on_stream": 200, "ok": True}
+    assert result["checks"] == {"files_pending": 200, "jobs_on_stream": 200, "ok": True}
     assert len(result["seconds"]) == 1

@@ -177,7 +177,7 @@ async def test_files_never_enqueued_are_requeued(settings: Settings, ports: Port
 async def test_redis_losing_its_data_loses_no_file(settings: Settings, ports: Ports) -> None:
     """With the stream and group gone, the consumer recreates them and the sweep requeues."""
     submitted = await submit(ports, files(4))
-    await ports.queue._redis.delete(ports.queue.stream)
+    await ports.queue._redis.delete(ports.queue.stream, ports.queue.queued)  # restarted empty
     await sql(
         settings.database_url or "",
         "UPDATE batch_files SET enqueued_at = now() - interval '1 hour'",
