@@ -53,14 +53,32 @@ def files_digest(files: Sequence[FileSpec]) -> str:
     return digest.hexdigest()
 
 
-def check_files(files: Sequence[FileSpec]) -> None:
+def check_files(batch_id: str, files: Sequence[FileSpec]) -> None:
+    """Refuses what a worker could never take: the whole batch, with the reason."""
     seen: set[str] = set()
     for spec in files:
         if not spec.file_id or not spec.uri:
             raise InvalidBatch("every file needs a non-empty file_id and uri")
+        if not (jobs.storable(spec.file_id) and jobs.storable(spec.uri)):
+            raise InvalidBatch(f"file_id or uri of {spec.file_id!r} has a NUL or is not UTF-8")
         if spec.file_id in seen:
             raise InvalidBatch(f"duplicate file_id {spec.file_id!r}")
         seen.add(spec.file_id)
+        _check_job_size(batch_id, spec)
+
+
+def _check_job_size(batch_id: str, spec: FileSpec) -> None:
+    try:
+        text = jobs.encode(batch_id, spec.file_id, spec.uri, spec.payload)["job"]
+    except (TypeError, ValueError) as exc:
+        raise InvalidBatch(f"payload of {spec.file_id!r} is not JSON: {exc}") from None
+    if "\\u0000" in text:
+        raise InvalidBatch(f"payload of {spec.file_id!r} has a NUL character")
+    size = len(text)  # ASCII: json.dumps escapes everything else
+    if size > jobs.MAX_JOB_BYTES:
+        raise InvalidBatch(
+            f"file {spec.file_id!r} makes a {size}-byte job; at most {jobs.MAX_JOB_BYTES}"
+        )
 
 
 def _chunks(files: Sequence[FileSpec]) -> Iterator[Sequence[FileSpec]]:
@@ -79,8 +97,10 @@ async def submit(
     deadline_s: float | None = None,
 ) -> Submitted:
     """Creates the batch and enqueues its files; same id and files again is a no-op."""
-    check_files(files)
     batch_id = batch_id or new_batch_id()
+    if not jobs.storable(batch_id):
+        raise InvalidBatch("batch_id has a NUL or is not UTF-8")
+    check_files(batch_id, files)
     digest = files_digest(files)
     async with db.transaction() as tx:
         created = await tx.fetchval(

@@ -59,6 +59,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    code = _main(args)
+    if args.command == "run":
+        # A sync handler stuck in a worker thread (past its timeout) would keep the
+        # interpreter from exiting after a clean drain: leave without joining it.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def _main(args: argparse.Namespace) -> int:
     try:
         settings = Settings.from_env(os.environ)
         logs.configure(settings.log_format)

@@ -36,7 +36,7 @@ _NAMESPACE_RE: Final = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 T = TypeVar("T")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, repr=False)
 class Settings:
     """Every knob of the service, with the contract's defaults."""
 
@@ -82,6 +82,14 @@ class Settings:
             )
         return self
 
+    def __repr__(self) -> str:
+        # Settings end up in tracebacks and debug output: never show a secret.
+        shown = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        shown["database_url"] = redact_url(self.database_url)
+        shown["redis_url"] = redact_url(self.redis_url)
+        shown["api_token"] = None if self.api_token is None else "***"
+        return "Settings(" + ", ".join(f"{k}={v!r}" for k, v in shown.items()) + ")"
+
     @property
     def lease_renew_interval_s(self) -> float:
         """A live worker renews its leases every third of the visibility timeout."""
@@ -92,8 +100,12 @@ def redact_url(url: str | None) -> str | None:
     """The URL with its password replaced, safe for logs and error bodies."""
     if url is None:
         return None
-    parts = urlsplit(url)
-    if parts.password is None:
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:
+        return "<malformed URL>"
+    if password is None:
         return url
     netloc = parts.netloc.rsplit("@", 1)[1]
     user = parts.username or ""
@@ -104,8 +116,9 @@ def _check_url(name: str, url: str, schemes: tuple[str, ...]) -> None:
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 - raises ValueError on a malformed port
-    except ValueError as exc:
-        raise ConfigError(f"{name}: malformed URL ({exc})") from None
+    except ValueError:
+        # The parser's message may quote the password: say only what to check.
+        raise ConfigError(f"{name}: malformed URL (check the host, port and escaping)") from None
     if parts.scheme not in schemes:
         raise ConfigError(
             f"{name}: scheme must be one of {', '.join(schemes)}, got {parts.scheme!r}"

@@ -14,7 +14,7 @@ from typing import Any, Final, cast
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
-from reconciler.errors import RetryableError, TerminalError
+from reconciler.errors import InvalidData, RetryableError, TerminalError
 from reconciler.queries import QUERIES
 
 Row = Mapping[str, Any]
@@ -24,6 +24,8 @@ CONNECT_TIMEOUT_S: Final = 5.0
 COMMAND_TIMEOUT_S: Final = 30.0
 # Class 08 (connection), 40 (serialization, deadlock), 53 (resources), 57 (shutdown).
 _RETRYABLE_CLASSES: Final = ("08", "40", "53", "57")
+# Class 22 (data exception), 23 (integrity), 54 (limit exceeded): the value is at fault.
+_INVALID_DATA_CLASSES: Final = ("22", "23", "54")
 
 
 def _is_retryable(exc: BaseException) -> bool:
@@ -40,8 +42,18 @@ async def translated() -> AsyncIterator[None]:
     try:
         yield
     except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
-        kind = RetryableError if _is_retryable(exc) else TerminalError
-        raise kind(f"postgres: {type(exc).__name__}: {exc}") from exc
+        raise _kind(exc)(f"postgres: {type(exc).__name__}: {exc}") from exc
+    except UnicodeEncodeError as exc:
+        raise InvalidData(f"postgres: text is not valid UTF-8: {exc.reason}") from exc
+
+
+def _kind(exc: BaseException) -> type[TerminalError | RetryableError]:
+    if _is_retryable(exc):
+        return RetryableError
+    if isinstance(exc, asyncpg.PostgresError):
+        if str(exc.sqlstate or "")[:2] in _INVALID_DATA_CLASSES:
+            return InvalidData
+    return TerminalError
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:

@@ -49,3 +49,7 @@ class UsageError(ReconcilerError):
 
 class WaitTimeout(ReconcilerError):
     """A batch did not finalize within the time the caller was willing to wait."""
+
+
+class InvalidData(TerminalError):
+    """Postgres refused a value (too long, malformed, violates a constraint)."""

@@ -6,6 +6,7 @@ thread) ends as an Attempted value with a readable reason; nothing escapes.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 import time
@@ -58,9 +59,19 @@ def describe(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError):
         text = "timed out"
     else:
-        message = str(exc) or type(exc).__name__
+        message = _message(exc)
         text = message if isinstance(exc, HandlerCrashed) else f"{type(exc).__name__}: {message}"
-    return text.replace("\x00", "\\0")[:MAX_ERROR_CHARS]
+    text = text.replace("\x00", "\\0")
+    # Unpaired surrogates (undecodable file names) cannot be stored: escape them.
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text[:MAX_ERROR_CHARS]
+
+
+def _message(exc: BaseException) -> str:
+    try:
+        return str(exc) or type(exc).__name__
+    except Exception:  # an exception whose __str__ raises still needs a reason
+        return f"{type(exc).__name__} (its message could not be rendered)"
 
 
 def to_json(result: Any) -> str | None:
@@ -68,13 +79,17 @@ def to_json(result: Any) -> str | None:
     if result is None:
         return None
     try:
-        text = json.dumps(result, allow_nan=False, separators=(",", ":"))
+        text = json.dumps(result, allow_nan=False, ensure_ascii=False, separators=(",", ":"))
     except (TypeError, ValueError) as exc:
         raise ValueError(f"result is not JSON-serializable: {exc}") from None
     if "\\u0000" in text:
         raise ValueError("result contains a NUL character, which Postgres cannot store")
-    if len(text) > MAX_RESULT_BYTES:
-        raise ValueError(f"result is {len(text)} bytes, more than {MAX_RESULT_BYTES}")
+    try:
+        size = len(text.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise ValueError("result contains an unpaired surrogate, which is not UTF-8") from None
+    if size > MAX_RESULT_BYTES:
+        raise ValueError(f"result is {size} bytes, more than {MAX_RESULT_BYTES}")
     return text
 
 
@@ -112,7 +127,7 @@ class Executor:
     async def _attempt(self, job: FileJob) -> str | None:
         with anyio.fail_after(self._timeout_s):
             if self._async:
-                raw = await self._handler(job)
+                raw = await _guarded_async(self._handler, job)
             else:
                 raw = await anyio.to_thread.run_sync(
                     _guarded, self._handler, job, abandon_on_cancel=True, limiter=self._threads
@@ -138,6 +153,27 @@ class Executor:
             delay_s=round(delay, 3), error=describe(exc),
         )  # fmt: skip
         await anyio.sleep(delay)
+
+
+async def _guarded_async(handler: Handler, job: FileJob) -> Any:
+    # Only the service's own cancellation may pass; a handler raising SystemExit,
+    # KeyboardInterrupt or a stray CancelledError fails its file instead.
+    cancelled = anyio.get_cancelled_exc_class()
+    try:
+        return await handler(job)
+    except Exception:
+        raise
+    except cancelled:
+        if _being_cancelled():
+            raise
+        raise HandlerCrashed("handler raised CancelledError without being cancelled") from None
+    except BaseException as exc:
+        raise HandlerCrashed(f"handler crashed: {type(exc).__name__}: {_message(exc)}") from None
+
+
+def _being_cancelled() -> bool:
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 def _guarded(handler: Handler, job: FileJob) -> Any:

@@ -35,6 +35,17 @@ def encode(batch_id: str, file_id: str, uri: str, payload: Any) -> dict[str, str
     return {JOB_FIELD: json.dumps(body, separators=(",", ":"))}
 
 
+def storable(text: str) -> bool:
+    """Whether Postgres can store the text: valid UTF-8 and no NUL character."""
+    if "\x00" in text:
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def member(batch_id: str, file_id: str) -> str:
     """The file's entry in the set of files that have a job on the stream."""
     return json.dumps([batch_id, file_id], separators=(",", ":"))
@@ -64,4 +75,6 @@ def _from_body(body: Any) -> FileJob:
         value = body.get(key)
         if not isinstance(value, str) or not value:
             raise MalformedJob(f"job field {key!r} must be a non-empty string")
+        if not storable(value):
+            raise MalformedJob(f"job field {key!r} has a NUL or an unpaired surrogate")
     return FileJob(body["batch_id"], body["file_id"], body["uri"], body.get("payload"))

@@ -11,7 +11,9 @@ import structlog
 def configure(log_format: str = "json", level: int = logging.INFO) -> None:
     """Routes structlog and stdlib logging to stderr in the chosen format."""
     renderer: structlog.typing.Processor = (
-        structlog.dev.ConsoleRenderer()
+        structlog.dev.ConsoleRenderer(
+            exception_formatter=structlog.dev.RichTracebackFormatter(show_locals=False)
+        )
         if log_format == "console"
         else structlog.processors.JSONRenderer()
     )
@@ -20,7 +22,10 @@ def configure(log_format: str = "json", level: int = logging.INFO) -> None:
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.dict_tracebacks
+            # Never render local variables: they hold settings, URLs and tokens.
+            structlog.processors.ExceptionRenderer(
+                structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
+            )
             if log_format == "json"
             else structlog.dev.set_exc_info,
             renderer,

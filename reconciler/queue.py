@@ -119,18 +119,12 @@ class JobQueue:
         found = [Delivery(i.decode(), f) for i, f in messages if f is not None]
         return next_cursor.decode(), found
 
-    async def renew(self, consumer: str, max_count: int) -> int:
-        """Resets the idle time of this consumer's pending jobs: its lease in Redis."""
-        pending = await self._group_call(
-            self._redis.xpending_range,
-            self.stream, self.group, "-", "+", max_count, consumername=consumer,
-        )  # fmt: skip
-        ids = [entry["message_id"] for entry in pending or []]
+    async def renew(self, consumer: str, ids: Sequence[str]) -> None:
+        """Resets the idle time of these jobs, held by this consumer: its Redis lease."""
         if ids:
             await self._group_call(
-                self._redis.xclaim, self.stream, self.group, consumer, 0, ids, justid=True
+                self._redis.xclaim, self.stream, self.group, consumer, 0, list(ids), justid=True
             )
-        return len(ids)
 
     async def release(self, consumer: str, max_count: int, idle_ms: int) -> int:
         """Marks this consumer's pending jobs idle for `idle_ms`: others claim them now."""

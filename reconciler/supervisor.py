@@ -19,6 +19,8 @@ log = structlog.get_logger("reconciler.supervisor")
 
 RESTART_DELAY_S: Final = 0.1
 RESTART_MAX_DELAY_S: Final = 30.0
+# A dependency blinking is not the actor failing: restart it soon, and stay live.
+RETRYABLE_MAX_DELAY_S: Final = 5.0
 HEALTHY_RUN_S: Final = 60.0
 
 
@@ -39,6 +41,14 @@ class Health:
         return all(self.running.values())
 
 
+def is_retryable(exc: BaseException) -> bool:
+    """A RetryableError, or a task group's error made only of them."""
+    if isinstance(exc, BaseExceptionGroup):
+        _, rest = exc.split(RetryableError)
+        return rest is None
+    return isinstance(exc, RetryableError)
+
+
 async def supervise(actor: Actor, health: Health) -> None:
     """Runs `actor.run()` until it returns; restarts it whenever it raises."""
     delay = RESTART_DELAY_S
@@ -48,18 +58,18 @@ async def supervise(actor: Actor, health: Health) -> None:
         try:
             await actor.run()
         except Exception as exc:
-            health.running[actor.name] = False
+            retryable = is_retryable(exc)
+            health.running[actor.name] = retryable
             health.restarts[actor.name] = health.restarts.get(actor.name, 0) + 1
             metrics.ACTOR_RESTARTS.labels(actor.name).inc()
             if time.monotonic() - started > HEALTHY_RUN_S:
                 delay = RESTART_DELAY_S
             log.error(
                 "actor_crashed",
-                actor=actor.name, error=str(exc), restart_in_s=delay,
-                exc_info=not isinstance(exc, RetryableError),
+                actor=actor.name, error=str(exc), restart_in_s=delay, exc_info=not retryable,
             )  # fmt: skip
             await anyio.sleep(delay)
-            delay = min(delay * 2, RESTART_MAX_DELAY_S)
+            delay = min(delay * 2, RETRYABLE_MAX_DELAY_S if retryable else RESTART_MAX_DELAY_S)
             continue
         health.running.pop(actor.name, None)
         return

@@ -21,7 +21,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from reconciler import jobs, metrics
 from reconciler.config import Settings
 from reconciler.database import Database, Row
-from reconciler.errors import MalformedJob, RetryableError
+from reconciler.errors import MalformedJob, RetryableError, TerminalError
 from reconciler.execution import Attempted, Executor
 from reconciler.queue import Delivery, JobQueue
 
@@ -30,10 +30,11 @@ log = structlog.get_logger("reconciler.consumer")
 READ_BLOCK_MS: Final = 500
 READ_COUNT_MIN: Final = 128
 CLAIM_CHECK_INTERVAL_S: Final = 5.0
-WRITE_RETRY_DELAY_S: Final = 0.1
-WRITE_RETRY_MAX_DELAY_S: Final = 5.0
+RETRY_DELAY_S: Final = 0.1
+RETRY_MAX_DELAY_S: Final = 5.0
 RELEASE_TIMEOUT_S: Final = 3.0
 RELEASE_MAX_JOBS: Final = 10_000
+UNSTORABLE_REASON: Final = "the handler's outcome could not be stored"
 EXHAUSTED_REASON: Final = "gave up: attempts spent and the last worker stopped mid-file"
 
 
@@ -84,14 +85,22 @@ class Consumer:
         self._executor = executor
         self._progress = progress
         self._stop = stop
+        self._fixed_name = name
         self.consumer = name or consumer_name()
         self._claim_cursor = "0-0"
+        # Stream ids read and not yet acknowledged: the only jobs whose Redis lease
+        # this run renews, so an entry it lost track of goes idle and is reclaimed.
+        self._in_flight: dict[str, None] = {}
         # Bigger reads mean fewer round trips to Redis and fewer claim statements.
         self._read_count = max(settings.concurrency, READ_COUNT_MIN)
         self._scope = anyio.CancelScope()
 
     async def run(self) -> None:
         await self._queue.ensure_group()
+        # A fresh name per run: leases a crashed run held are renewed by nobody, so
+        # they expire and are claimed back instead of being kept alive forever.
+        self.consumer = self._fixed_name or consumer_name()
+        self._in_flight.clear()
         log.info("consumer_started", consumer=self.consumer)
         self._scope = anyio.CancelScope()
         try:
@@ -101,7 +110,7 @@ class Consumer:
                     await self._pipeline()
                     tg.cancel_scope.cancel()
         finally:
-            if self._stop.is_set() and not self._scope.cancel_called:
+            if not self._scope.cancel_called:
                 await self._release()
         log.info("consumer_stopped", consumer=self.consumer)
 
@@ -140,20 +149,50 @@ class Consumer:
 
     async def _read(self, work: MemoryObjectSendStream[Work]) -> None:
         next_claim = 0.0
+        delay = RETRY_DELAY_S
         while not self._stop.is_set():
-            deliveries: list[Delivery] = []
-            if anyio.current_time() >= next_claim:
-                deliveries = await self._claim_idle()
-                next_claim = anyio.current_time() + CLAIM_CHECK_INTERVAL_S
-            if not deliveries:
-                deliveries = await self._queue.read(self.consumer, self._read_count, READ_BLOCK_MS)
-            for item in await self._admit(deliveries):
+            try:
+                deliveries, next_claim = await self._next_deliveries(next_claim)
+            except RetryableError as exc:
+                log.warning("job_read_failed", consumer=self.consumer, error=str(exc))
+                await anyio.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX_DELAY_S)
+                continue
+            delay = RETRY_DELAY_S
+            self._in_flight.update(dict.fromkeys(d.id for d in deliveries))
+            for item in await self._admit_retrying(deliveries):
                 await work.send(item)
+
+    async def _next_deliveries(self, next_claim: float) -> tuple[list[Delivery], float]:
+        """Jobs a stopped consumer left idle first, then new ones."""
+        if anyio.current_time() >= next_claim:
+            found = await self._claim_idle()
+            # A full page means more may be waiting: claim again on the next turn.
+            again = len(found) >= self._read_count
+            wait = 0.0 if again else CLAIM_CHECK_INTERVAL_S
+            if found:
+                return found, anyio.current_time() + wait
+            next_claim = anyio.current_time() + wait
+        fresh = await self._queue.read(self.consumer, self._read_count, READ_BLOCK_MS)
+        return fresh, next_claim
+
+    async def _admit_retrying(self, deliveries: list[Delivery]) -> list[Work]:
+        # These are ours in the stream's PEL now: keep trying rather than drop them.
+        delay = RETRY_DELAY_S
+        while True:
+            try:
+                return await self._admit(deliveries)
+            except RetryableError as exc:
+                log.warning("job_claim_failed", consumer=self.consumer, error=str(exc))
+            if self._stop.is_set():
+                return []
+            await anyio.sleep(delay)
+            delay = min(delay * 2, RETRY_MAX_DELAY_S)
 
     async def _claim_idle(self) -> list[Delivery]:
         idle_ms = int(self._settings.visibility_timeout_s * 1000)
         self._claim_cursor, found = await self._queue.claim_idle(
-            self.consumer, idle_ms, self._settings.concurrency, self._claim_cursor
+            self.consumer, idle_ms, self._read_count, self._claim_cursor
         )
         if found:
             metrics.JOBS_REDELIVERED.inc(len(found))
@@ -170,14 +209,29 @@ class Consumer:
                 await self._dead_letter(delivery, "malformed", str(exc))
         if not parsed:
             return []
-        rows = await self._db.fetch(
+        try:
+            return await self._sort(parsed, await self._claim(parsed))
+        except TerminalError:
+            return await self._admit_one_by_one(parsed)
+
+    async def _claim(self, parsed: list[tuple[Delivery, jobs.FileJob]]) -> list[Row]:
+        return await self._db.fetch(
             "start_files",
             [job.batch_id for _, job in parsed],
             [job.file_id for _, job in parsed],
             self.consumer,
             self._settings.visibility_timeout_s,
         )
-        return await self._sort(parsed, rows)
+
+    async def _admit_one_by_one(self, parsed: list[tuple[Delivery, jobs.FileJob]]) -> list[Work]:
+        """One job Postgres cannot take must not hold back the others read with it."""
+        admitted: list[Work] = []
+        for pair in parsed:
+            try:
+                admitted += await self._sort([pair], await self._claim([pair]))
+            except TerminalError as exc:
+                await self._dead_letter(pair[0], "malformed", f"cannot be stored: {exc}")
+        return admitted
 
     async def _sort(
         self, parsed: list[tuple[Delivery, jobs.FileJob]], rows: list[Row]
@@ -194,11 +248,17 @@ class Consumer:
                 exhausted = attempts > self._settings.max_attempts
                 job = jobs.FileJob(job.batch_id, job.file_id, job.uri, job.payload, attempts)
                 admitted.append(Work(delivery.id, job, exhausted))
-        await self._queue.ack([d for d, _ in duplicates], [m for _, m in duplicates])
+        await self._acked([d for d, _ in duplicates], [m for _, m in duplicates])
         return admitted
+
+    async def _acked(self, ids: list[str], members: list[str]) -> None:
+        await self._queue.ack(ids, members)
+        for job_id in ids:
+            self._in_flight.pop(job_id, None)
 
     async def _dead_letter(self, delivery: Delivery, kind: str, reason: str) -> None:
         await self._queue.dead_letter(delivery, reason)
+        self._in_flight.pop(delivery.id, None)
         metrics.JOBS_DEAD_LETTERED.labels(kind).inc()
         log.warning("job_dead_lettered", job_id=delivery.id, kind=kind, reason=reason)
 
@@ -254,7 +314,10 @@ class Consumer:
         return group
 
     async def _flush(self, group: list[Outcome]) -> None:
-        rows = await self._retrying("record_outcomes", *_outcome_columns(group))
+        try:
+            rows = await self._retrying("record_outcomes", *_outcome_columns(group))
+        except TerminalError:
+            rows = await self._flush_one_by_one(group)
         # Committed: the detector may finalize while the acknowledgement is in flight.
         for row in rows:
             await self._progress.send(BatchProgress(row["batch_id"], bool(row["complete"])))
@@ -262,27 +325,41 @@ class Consumer:
             [o.delivery_id for o in group], [jobs.member(o.batch_id, o.file_id) for o in group]
         )
 
+    async def _flush_one_by_one(self, group: list[Outcome]) -> list[Row]:
+        """An outcome Postgres refuses fails its file with the reason; the rest stand."""
+        rows: list[Row] = []
+        for outcome in group:
+            try:
+                rows += await self._retrying("record_outcomes", *_outcome_columns([outcome]))
+            except TerminalError as exc:
+                log.warning("outcome_unstorable", batch_id=outcome.batch_id, error=str(exc))
+                failed = Attempted(False, None, f"{UNSTORABLE_REASON}: {exc}"[:2000], 0.0,
+                                   outcome.attempted.attempts)  # fmt: skip
+                stand_in = Outcome(outcome.delivery_id, outcome.batch_id, outcome.file_id, failed)
+                rows += await self._retrying("record_outcomes", *_outcome_columns([stand_in]))
+        return rows
+
     async def _retrying(self, query: str, *args: object) -> list[Row]:
         # Outcomes live only in memory until written: retry rather than drop them.
-        delay = WRITE_RETRY_DELAY_S
+        delay = RETRY_DELAY_S
         while True:
             try:
                 return await self._db.fetch(query, *args)
             except RetryableError as exc:
                 log.warning("outcome_write_failed", error=str(exc), retry_in_s=delay)
             await anyio.sleep(delay)
-            delay = min(delay * 2, WRITE_RETRY_MAX_DELAY_S)
+            delay = min(delay * 2, RETRY_MAX_DELAY_S)
 
     async def _ack(self, ids: list[str], members: list[str]) -> None:
-        delay = WRITE_RETRY_DELAY_S
+        delay = RETRY_DELAY_S
         while True:
             try:
-                await self._queue.ack(ids, members)
+                await self._acked(ids, members)
                 return
             except RetryableError as exc:
                 log.warning("ack_failed", error=str(exc), retry_in_s=delay)
             await anyio.sleep(delay)
-            delay = min(delay * 2, WRITE_RETRY_MAX_DELAY_S)
+            delay = min(delay * 2, RETRY_MAX_DELAY_S)
 
     # -- leases -------------------------------------------------------------------
 
@@ -294,7 +371,7 @@ class Consumer:
                 await self._db.execute(
                     "renew_leases", self.consumer, self._settings.visibility_timeout_s
                 )
-                await self._queue.renew(self.consumer, 4 * self._settings.concurrency + 64)
+                await self._queue.renew(self.consumer, list(self._in_flight))
             except RetryableError as exc:
                 log.warning("lease_renewal_failed", consumer=self.consumer, error=str(exc))
 
