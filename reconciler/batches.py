@@ -15,11 +15,15 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
+import structlog
+
 from reconciler import jobs
 from reconciler.actors.finalizer import finalize
 from reconciler.database import Database, Row
 from reconciler.errors import BatchConflict, BatchNotFound, InvalidBatch
 from reconciler.queue import JobQueue
+
+log = structlog.get_logger("reconciler.batches")
 
 CHUNK_FILES: Final = 2000
 BLOCKING_FILES_SHOWN: Final = 100
@@ -77,7 +81,8 @@ def _check_job_size(batch_id: str, spec: FileSpec) -> None:
     size = len(text)  # ASCII: json.dumps escapes everything else
     if size > jobs.MAX_JOB_BYTES:
         raise InvalidBatch(
-            f"file {spec.file_id!r} makes a {size}-byte job; at most {jobs.MAX_JOB_BYTES}"
+            f"file {spec.file_id!r}: its job is {size} bytes, more than {jobs.MAX_JOB_BYTES}"
+            " (keep payloads small; pass large data by uri)"
         )
 
 
@@ -114,9 +119,10 @@ async def submit(
         for chunk in _chunks(files):
             await tx.execute(
                 "insert_files", batch_id, [f.file_id for f in chunk], [f.uri for f in chunk],
-                [f.payload for f in chunk],
+                [None if f.payload is None else json.dumps(f.payload) for f in chunk],
             )  # fmt: skip
     await _enqueue(queue, batch_id, files)
+    log.info("batch_submitted", batch_id=batch_id, total_files=len(files))
     if not files:
         await finalize(db, batch_id, "event")
     return Submitted(batch_id, True, len(files))

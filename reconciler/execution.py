@@ -114,6 +114,7 @@ class Executor:
                 )
             except Exception as exc:
                 elapsed = time.perf_counter() - started
+                metrics.FILE_PROCESSING.observe(elapsed)
                 if attempt >= self._max_attempts:
                     return self._failed(job, exc, elapsed, attempt)
                 await self._back_off(job, exc, attempt)
@@ -135,7 +136,6 @@ class Executor:
         return to_json(raw)
 
     def _failed(self, job: FileJob, exc: Exception, elapsed: float, attempt: int) -> Attempted:
-        metrics.FILE_PROCESSING.observe(elapsed)
         _FAILED.inc()
         reason = describe(exc)
         log.warning(

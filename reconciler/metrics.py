@@ -73,7 +73,9 @@ def preinitialize() -> None:
     """Exports every label combination at zero so dashboards and rates start at once."""
     for trigger in TRIGGERS:
         FINALIZATION_LATENCY.labels(trigger)
-        for outcome in ("finalized", "not_ready", "busy", "already_finalized", "error"):
+        for outcome in (
+            "finalized", "not_ready", "busy", "already_finalized", "not_found", "error",
+        ):  # fmt: skip
             FINALIZATIONS.labels(trigger, outcome)
     for outcome in ("succeeded", "failed", "retried"):
         FILES_PROCESSED.labels(outcome)

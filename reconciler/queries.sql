@@ -11,9 +11,11 @@ RETURNING batch_id;
 SELECT files_digest FROM batches WHERE batch_id = $1;
 
 -- name: insert_files
+-- Payloads travel as JSON text: a jsonb[] parameter would read a JSON list as an
+-- array dimension.
 INSERT INTO batch_files (batch_id, file_id, uri, payload, enqueued_at)
-SELECT $1, f.file_id, f.uri, f.payload, now()
-FROM unnest($2::text[], $3::text[], $4::jsonb[]) AS f (file_id, uri, payload);
+SELECT $1, f.file_id, f.uri, f.payload::jsonb, now()
+FROM unnest($2::text[], $3::text[], $4::text[]) AS f (file_id, uri, payload);
 
 -- name: start_files
 -- Claims delivered jobs for this worker. Returns one row per input position:

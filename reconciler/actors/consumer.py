@@ -230,7 +230,7 @@ class Consumer:
             try:
                 admitted += await self._sort([pair], await self._claim([pair]))
             except TerminalError as exc:
-                await self._dead_letter(pair[0], "malformed", f"cannot be stored: {exc}")
+                await self._dead_letter(pair[0], "malformed", f"cannot be stored: {exc}", pair[1])
         return admitted
 
     async def _sort(
@@ -240,7 +240,7 @@ class Consumer:
         duplicates: list[tuple[str, str]] = []
         for (delivery, job), row in zip(parsed, rows, strict=True):
             if not row["known"]:
-                await self._dead_letter(delivery, "unknown_batch", "no such batch or file")
+                await self._dead_letter(delivery, "unknown_batch", "no such batch or file", job)
             elif row["attempts"] is None:
                 duplicates.append((delivery.id, jobs.member(job.batch_id, job.file_id)))
             else:
@@ -256,11 +256,14 @@ class Consumer:
         for job_id in ids:
             self._in_flight.pop(job_id, None)
 
-    async def _dead_letter(self, delivery: Delivery, kind: str, reason: str) -> None:
-        await self._queue.dead_letter(delivery, reason)
+    async def _dead_letter(
+        self, delivery: Delivery, reason: str, detail: str, job: jobs.FileJob | None = None
+    ) -> None:
+        await self._queue.dead_letter(delivery, detail)
         self._in_flight.pop(delivery.id, None)
-        metrics.JOBS_DEAD_LETTERED.labels(kind).inc()
-        log.warning("job_dead_lettered", job_id=delivery.id, kind=kind, reason=reason)
+        metrics.JOBS_DEAD_LETTERED.labels(reason).inc()
+        ids = {"batch_id": job.batch_id, "file_id": job.file_id} if job else {}
+        log.warning("job_dead_lettered", job_id=delivery.id, reason=reason, detail=detail, **ids)
 
     # -- workers ------------------------------------------------------------------
 

@@ -48,7 +48,7 @@ class FinalizeResult:
 
 async def finalize(db: Database, batch_id: str, trigger: str) -> FinalizeResult:
     """Finalizes the batch if, and only if, the database says it is done."""
-    log.debug("finalization_called", batch_id=batch_id, trigger=trigger)
+    log.info("finalization_called", batch_id=batch_id, trigger=trigger)
     try:
         async with db.transaction() as tx:
             result = await _decide(tx, batch_id, trigger)
@@ -142,7 +142,10 @@ class Finalizer:
             try:
                 result = await finalize(self._db, request.batch_id, request.trigger)
             except RetryableError as exc:
-                log.warning("finalization_failed", batch_id=request.batch_id, error=str(exc))
+                log.warning(
+                    "finalization_failed",
+                    batch_id=request.batch_id, trigger=request.trigger, error=str(exc),
+                )  # fmt: skip
             else:
                 if result.outcome is not Outcome.BUSY:
                     return
