@@ -20,7 +20,7 @@ RULES = PROM_DIR / "rules.yml"
 PROMETHEUSRULE = PROM_DIR / "prometheusrule.yaml"
 RULES_TEST = PROM_DIR / "tests" / "rules_test.yml"
 GENERATOR = PROM_DIR / "generate_prometheusrule.py"
-RUNBOOK_DOCS = (REPO / "docs" / "operations.md", REPO / "docs" / "operations-alerts.md")
+RUNBOOK_DOCS = (REPO / "docs" / "operations.md",)
 RUNBOOK_PREFIX = (
     "https://github.com/batch-reconciler/batch-reconciler/blob/main/docs/operations.md#"
 )
@@ -197,7 +197,7 @@ def test_alert_has_summary_description_and_runbook(name: str) -> None:
 
 
 def test_every_runbook_anchor_is_a_docs_heading() -> None:
-    """Every runbook_url anchor is a heading in docs/operations.md or operations-alerts.md."""
+    """Every runbook_url anchor is a heading in docs/operations.md."""
     anchors = runbook_anchors()
     assert anchors, f"none of {[str(d) for d in RUNBOOK_DOCS]} has headings"
     for name, rule in alerts().items():
