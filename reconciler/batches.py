@@ -13,7 +13,7 @@ import json
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import structlog
 
@@ -24,6 +24,7 @@ from reconciler.errors import BatchConflict, BatchNotFound, InvalidBatch
 from reconciler.queue import JobQueue
 
 log = structlog.get_logger("reconciler.batches")
+T = TypeVar("T")
 
 CHUNK_FILES: Final = 2000
 BLOCKING_FILES_SHOWN: Final = 100
@@ -57,9 +58,10 @@ def files_digest(files: Sequence[FileSpec]) -> str:
     return digest.hexdigest()
 
 
-def check_files(batch_id: str, files: Sequence[FileSpec]) -> None:
-    """Refuses what a worker could never take: the whole batch, with the reason."""
+def encode_jobs(batch_id: str, files: Sequence[FileSpec]) -> list[dict[str, str]]:
+    """Each file's job, encoded once; refuses the whole batch if a worker could not take one."""
     seen: set[str] = set()
+    entries: list[dict[str, str]] = []
     for spec in files:
         if not spec.file_id or not spec.uri:
             raise InvalidBatch("every file needs a non-empty file_id and uri")
@@ -68,14 +70,16 @@ def check_files(batch_id: str, files: Sequence[FileSpec]) -> None:
         if spec.file_id in seen:
             raise InvalidBatch(f"duplicate file_id {spec.file_id!r}")
         seen.add(spec.file_id)
-        _check_job_size(batch_id, spec)
+        entries.append(_job(batch_id, spec))
+    return entries
 
 
-def _check_job_size(batch_id: str, spec: FileSpec) -> None:
+def _job(batch_id: str, spec: FileSpec) -> dict[str, str]:
     try:
-        text = jobs.encode(batch_id, spec.file_id, spec.uri, spec.payload)["job"]
+        entry = jobs.encode(batch_id, spec.file_id, spec.uri, spec.payload)
     except (TypeError, ValueError) as exc:
         raise InvalidBatch(f"payload of {spec.file_id!r} is not JSON: {exc}") from None
+    text = entry[jobs.JOB_FIELD]
     if "\\u0000" in text:
         raise InvalidBatch(f"payload of {spec.file_id!r} has a NUL character")
     size = len(text)  # ASCII: json.dumps escapes everything else
@@ -84,11 +88,12 @@ def _check_job_size(batch_id: str, spec: FileSpec) -> None:
             f"file {spec.file_id!r}: its job is {size} bytes, more than {jobs.MAX_JOB_BYTES}"
             " (keep payloads small; pass large data by uri)"
         )
+    return entry
 
 
-def _chunks(files: Sequence[FileSpec]) -> Iterator[Sequence[FileSpec]]:
-    for start in range(0, len(files), CHUNK_FILES):
-        yield files[start : start + CHUNK_FILES]
+def _chunks(items: Sequence[T]) -> Iterator[Sequence[T]]:
+    for start in range(0, len(items), CHUNK_FILES):
+        yield items[start : start + CHUNK_FILES]
 
 
 async def submit(
@@ -105,7 +110,7 @@ async def submit(
     batch_id = batch_id or new_batch_id()
     if not jobs.storable(batch_id):
         raise InvalidBatch("batch_id has a NUL or is not UTF-8")
-    check_files(batch_id, files)
+    entries = encode_jobs(batch_id, files)
     digest = files_digest(files)
     async with db.transaction() as tx:
         created = await tx.fetchval(
@@ -121,17 +126,18 @@ async def submit(
                 "insert_files", batch_id, [f.file_id for f in chunk], [f.uri for f in chunk],
                 [None if f.payload is None else json.dumps(f.payload) for f in chunk],
             )  # fmt: skip
-    await _enqueue(queue, batch_id, files)
+    await _enqueue(queue, batch_id, files, entries)
     log.info("batch_submitted", batch_id=batch_id, total_files=len(files))
     if not files:
         await finalize(db, batch_id, "event")
     return Submitted(batch_id, True, len(files))
 
 
-async def _enqueue(queue: JobQueue, batch_id: str, files: Sequence[FileSpec]) -> None:
-    for chunk in _chunks(files):
-        entries = [jobs.encode(batch_id, f.file_id, f.uri, f.payload) for f in chunk]
-        await queue.enqueue(entries, [jobs.member(batch_id, f.file_id) for f in chunk])
+async def _enqueue(
+    queue: JobQueue, batch_id: str, files: Sequence[FileSpec], entries: list[dict[str, str]]
+) -> None:
+    for chunk, encoded in zip(_chunks(files), _chunks(entries), strict=True):
+        await queue.enqueue(encoded, [jobs.member(batch_id, f.file_id) for f in chunk])
 
 
 async def progress(db: Database, batch_id: str) -> dict[str, Any]:

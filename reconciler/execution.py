@@ -10,7 +10,7 @@ import asyncio
 import json
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Final
 
@@ -40,8 +40,21 @@ class Attempted:
     ok: bool
     result: str | None
     error: str | None
-    duration_s: float
+    duration_s: float | None
     attempts: int
+
+
+def outcome_columns(rows: Sequence[tuple[str, str, Attempted]]) -> tuple[list[Any], ...]:
+    """The parameters of the `record_outcomes` statement, one list per column."""
+    return (
+        [batch_id for batch_id, _, _ in rows],
+        [file_id for _, file_id, _ in rows],
+        [a.ok for _, _, a in rows],
+        [a.result for _, _, a in rows],
+        [a.error for _, _, a in rows],
+        [a.duration_s for _, _, a in rows],
+        [a.attempts for _, _, a in rows],
+    )
 
 
 class HandlerCrashed(Exception):

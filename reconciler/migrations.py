@@ -7,6 +7,7 @@ and then find nothing to do.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from importlib.resources import files
@@ -26,14 +27,20 @@ class Migration:
     sql: str
 
 
-def available() -> list[Migration]:
-    """The migrations shipped with this version, in order."""
+@functools.cache
+def _shipped() -> tuple[Migration, ...]:
+    # Read once: /readyz asks whether the schema is current on every probe.
     found = []
     for entry in files("reconciler.schema").iterdir():
         match = _FILE_RE.match(entry.name)
         if match:
             found.append(Migration(int(match[1]), match[2], entry.read_text(encoding="utf-8")))
-    return sorted(found, key=lambda m: m.version)
+    return tuple(sorted(found, key=lambda m: m.version))
+
+
+def available() -> list[Migration]:
+    """The migrations shipped with this version, in order."""
+    return list(_shipped())
 
 
 async def migrate(db: Database) -> list[Migration]:

@@ -90,3 +90,13 @@ async def age_pending_job(ports: Ports, consumer: str, job_id: str, idle_ms: int
     await queue._redis.xclaim(
         queue.stream, queue.group, consumer, 0, [job_id], idle=idle_ms, justid=True
     )
+
+
+async def finalized(settings: Settings, batch_id: str) -> bool:
+    """Whether the batch has left `processing`, read straight from its row."""
+    rows = await sql(
+        settings.database_url or "",
+        "SELECT status <> 'processing' FROM batches WHERE batch_id = $1",
+        batch_id,
+    )
+    return bool(rows and rows[0][0])

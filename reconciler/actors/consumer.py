@@ -11,8 +11,10 @@ from __future__ import annotations
 import os
 import secrets
 import socket
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Final
+from functools import partial
+from typing import Any, Final, TypeVar
 
 import anyio
 import structlog
@@ -22,10 +24,11 @@ from reconciler import jobs, metrics
 from reconciler.config import Settings
 from reconciler.database import Database, Row
 from reconciler.errors import MalformedJob, RetryableError, TerminalError
-from reconciler.execution import Attempted, Executor
+from reconciler.execution import Attempted, Executor, outcome_columns
 from reconciler.queue import Delivery, JobQueue
 
 log = structlog.get_logger("reconciler.consumer")
+T = TypeVar("T")
 
 READ_BLOCK_MS: Final = 500
 READ_COUNT_MIN: Final = 128
@@ -149,19 +152,17 @@ class Consumer:
 
     async def _read(self, work: MemoryObjectSendStream[Work]) -> None:
         next_claim = 0.0
-        delay = RETRY_DELAY_S
-        while not self._stop.is_set():
-            try:
-                deliveries, next_claim = await self._next_deliveries(next_claim)
-            except RetryableError as exc:
-                log.warning("job_read_failed", consumer=self.consumer, error=str(exc))
-                await anyio.sleep(delay)
-                delay = min(delay * 2, RETRY_MAX_DELAY_S)
-                continue
-            delay = RETRY_DELAY_S
-            self._in_flight.update(dict.fromkeys(d.id for d in deliveries))
-            for item in await self._admit_retrying(deliveries):
-                await work.send(item)
+        try:
+            while not self._stop.is_set():
+                found = partial(self._next_deliveries, next_claim)
+                deliveries, next_claim = await self._persist(found, "job_read_failed", True)
+                self._in_flight.update(dict.fromkeys(d.id for d in deliveries))
+                # These are ours in the stream's PEL now: keep trying rather than drop them.
+                claim = partial(self._admit, deliveries)
+                for item in await self._persist(claim, "job_claim_failed", True):
+                    await work.send(item)
+        except _Stopping:
+            return
 
     async def _next_deliveries(self, next_claim: float) -> tuple[list[Delivery], float]:
         """Jobs a stopped consumer left idle first, then new ones."""
@@ -175,19 +176,6 @@ class Consumer:
             next_claim = anyio.current_time() + wait
         fresh = await self._queue.read(self.consumer, self._read_count, READ_BLOCK_MS)
         return fresh, next_claim
-
-    async def _admit_retrying(self, deliveries: list[Delivery]) -> list[Work]:
-        # These are ours in the stream's PEL now: keep trying rather than drop them.
-        delay = RETRY_DELAY_S
-        while True:
-            try:
-                return await self._admit(deliveries)
-            except RetryableError as exc:
-                log.warning("job_claim_failed", consumer=self.consumer, error=str(exc))
-            if self._stop.is_set():
-                return []
-            await anyio.sleep(delay)
-            delay = min(delay * 2, RETRY_MAX_DELAY_S)
 
     async def _claim_idle(self) -> list[Delivery]:
         idle_ms = int(self._settings.visibility_timeout_s * 1000)
@@ -318,7 +306,7 @@ class Consumer:
 
     async def _flush(self, group: list[Outcome]) -> None:
         try:
-            rows = await self._retrying("record_outcomes", *_outcome_columns(group))
+            rows = await self._retrying("record_outcomes", *_columns(group))
         except TerminalError:
             rows = await self._flush_one_by_one(group)
         # Committed: the detector may finalize while the acknowledgement is in flight.
@@ -333,34 +321,34 @@ class Consumer:
         rows: list[Row] = []
         for outcome in group:
             try:
-                rows += await self._retrying("record_outcomes", *_outcome_columns([outcome]))
+                rows += await self._retrying("record_outcomes", *_columns([outcome]))
             except TerminalError as exc:
                 log.warning("outcome_unstorable", batch_id=outcome.batch_id, error=str(exc))
                 failed = Attempted(False, None, f"{UNSTORABLE_REASON}: {exc}"[:2000], 0.0,
                                    outcome.attempted.attempts)  # fmt: skip
                 stand_in = Outcome(outcome.delivery_id, outcome.batch_id, outcome.file_id, failed)
-                rows += await self._retrying("record_outcomes", *_outcome_columns([stand_in]))
+                rows += await self._retrying("record_outcomes", *_columns([stand_in]))
         return rows
 
     async def _retrying(self, query: str, *args: object) -> list[Row]:
         # Outcomes live only in memory until written: retry rather than drop them.
-        delay = RETRY_DELAY_S
-        while True:
-            try:
-                return await self._db.fetch(query, *args)
-            except RetryableError as exc:
-                log.warning("outcome_write_failed", error=str(exc), retry_in_s=delay)
-            await anyio.sleep(delay)
-            delay = min(delay * 2, RETRY_MAX_DELAY_S)
+        return await self._persist(partial(self._db.fetch, query, *args), "outcome_write_failed")
 
     async def _ack(self, ids: list[str], members: list[str]) -> None:
+        await self._persist(partial(self._acked, ids, members), "ack_failed")
+
+    async def _persist(
+        self, call: Callable[[], Awaitable[T]], event: str, stoppable: bool = False
+    ) -> T:
+        """Retries through dependency blinks with backoff; stoppable calls end on stop."""
         delay = RETRY_DELAY_S
         while True:
             try:
-                await self._acked(ids, members)
-                return
+                return await call()
             except RetryableError as exc:
-                log.warning("ack_failed", error=str(exc), retry_in_s=delay)
+                log.warning(event, consumer=self.consumer, error=str(exc), retry_in_s=delay)
+            if stoppable and self._stop.is_set():
+                raise _Stopping
             await anyio.sleep(delay)
             delay = min(delay * 2, RETRY_MAX_DELAY_S)
 
@@ -379,13 +367,9 @@ class Consumer:
                 log.warning("lease_renewal_failed", consumer=self.consumer, error=str(exc))
 
 
-def _outcome_columns(group: list[Outcome]) -> tuple[list[object], ...]:
-    return (
-        [o.batch_id for o in group],
-        [o.file_id for o in group],
-        [o.attempted.ok for o in group],
-        [o.attempted.result for o in group],
-        [o.attempted.error for o in group],
-        [o.attempted.duration_s for o in group],
-        [o.attempted.attempts for o in group],
-    )
+class _Stopping(Exception):
+    """The service is stopping: a stoppable retry gives up."""
+
+
+def _columns(group: list[Outcome]) -> tuple[list[Any], ...]:
+    return outcome_columns([(o.batch_id, o.file_id, o.attempted) for o in group])

@@ -19,6 +19,7 @@ from reconciler import jobs, metrics
 from reconciler.actors.finalizer import Outcome, finalize
 from reconciler.config import Settings
 from reconciler.database import Database, columns
+from reconciler.execution import Attempted, outcome_columns
 from reconciler.queue import JobQueue
 
 log = structlog.get_logger("reconciler.sweeper")
@@ -81,16 +82,15 @@ class Sweeper:
         )
         if not rows:
             return 0
-        moved = await self._db.fetch(
-            "record_outcomes",
-            [r["batch_id"] for r in rows],
-            [r["file_id"] for r in rows],
-            [False] * len(rows),
-            [None] * len(rows),
-            [LEASE_LOST_REASON] * len(rows),
-            [None] * len(rows),
-            [r["attempts"] for r in rows],
-        )
+        lost = [
+            (
+                r["batch_id"],
+                r["file_id"],
+                Attempted(False, None, LEASE_LOST_REASON, None, r["attempts"]),
+            )
+            for r in rows
+        ]
+        moved = await self._db.fetch("record_outcomes", *outcome_columns(lost))
         for batch in moved:
             if batch["complete"]:
                 await finalize(self._db, batch["batch_id"], "sweep")

@@ -22,7 +22,7 @@ from tests.chaos.harness import (
     settled_audit,
     started,
 )
-from tests.helpers import files, sql, submit, wait_for
+from tests.helpers import files, finalized, sql, submit, wait_for
 
 pytestmark = pytest.mark.timeout(SIZE.test_timeout_s)
 QUICK: Final = {"min_s": 0.001, "max_s": 0.005, "fail_rate": 0.0}
@@ -89,18 +89,9 @@ async def _dead_reasons(redis_url: str, stream: str) -> list[str]:
     return [fields[b"reason"].decode() for _, fields in entries]
 
 
-async def _finalized(settings: Settings, batch_id: str) -> bool:
-    rows = await sql(
-        settings.database_url or "",
-        "SELECT status <> 'processing' FROM batches WHERE batch_id = $1",
-        batch_id,
-    )
-    return bool(rows and rows[0][0])
-
-
 async def _wait_finalized(settings: Settings, batch_id: str) -> None:
     await wait_for(
-        lambda: _finalized(settings, batch_id), timeout_s=PIN_TIMEOUT_S, what=f"batch {batch_id}"
+        lambda: finalized(settings, batch_id), timeout_s=PIN_TIMEOUT_S, what=f"batch {batch_id}"
     )
 
 
@@ -121,9 +112,9 @@ async def _garbage_run(
     await submit(ports, files(SIZE.files, QUICK), batch_id="good")
     await _xadd(settings.redis_url or "", ports.queue.stream, garbage)
     await started(fleet.start(0))
-    await wait_for(lambda: _finalized(settings, "good"), timeout_s=PIN_TIMEOUT_S, what="good")
+    await wait_for(lambda: finalized(settings, "good"), timeout_s=PIN_TIMEOUT_S, what="good")
     await submit(ports, files(SIZE.files, QUICK), batch_id="after")
-    await wait_for(lambda: _finalized(settings, "after"), timeout_s=PIN_TIMEOUT_S, what="after")
+    await wait_for(lambda: finalized(settings, "after"), timeout_s=PIN_TIMEOUT_S, what="after")
     found = await settled_audit(
         settings.database_url or "", settings.redis_url or "", settings.namespace, 10
     )

@@ -30,7 +30,7 @@ from tests.chaos.harness import (
     started,
 )
 from tests.chaos.probes import ProbeLog, watch
-from tests.helpers import files, sql, submit, wait_for
+from tests.helpers import files, finalized, sql, submit, wait_for
 
 pytestmark = pytest.mark.timeout(SIZE.test_timeout_s)
 
@@ -87,15 +87,6 @@ async def _processing(settings: Settings) -> bool:
         settings.database_url or "", "SELECT count(*) FROM batch_files WHERE status = 'processing'"
     )
     return int(rows[0][0]) > 0
-
-
-async def _finalized(settings: Settings, batch_id: str) -> bool:
-    rows = await sql(
-        settings.database_url or "",
-        "SELECT status <> 'processing' FROM batches WHERE batch_id = $1",
-        batch_id,
-    )
-    return bool(rows and rows[0][0])
 
 
 async def _fault(
@@ -188,7 +179,7 @@ async def test_delay_on_both_paths_slows_but_loses_nothing(
         r.postgres.delay(DELAY_S)
         r.redis.delay(DELAY_S)
         await _submit_batches(ports, "slow")
-        await wait_for(lambda: _finalized(settings, f"slow-{BATCHES - 1:03d}"), timeout_s=60)
+        await wait_for(lambda: finalized(settings, f"slow-{BATCHES - 1:03d}"), timeout_s=60)
         r.postgres.heal()
         r.redis.heal()
         healed = time.time()
@@ -207,7 +198,7 @@ async def test_postgres_reset_recovers(settings: Settings, ports: Ports, fleet: 
         again = await wait_for(lambda: _ready_after(r.probes, healed), timeout_s=READY_AGAIN_S)
         assert r.probes.first("/readyz", 503, began) is not None
         await submit(ports, files(SIZE.files, PAYLOAD), batch_id="after-reset")
-        await wait_for(lambda: _finalized(settings, "after-reset"), timeout_s=30)
+        await wait_for(lambda: finalized(settings, "after-reset"), timeout_s=30)
         report("postgres_reset", faults=f"Postgres connections reset for {BLIP_S:g} s",
                ready_s=round(again - healed, 2))  # fmt: skip
 
@@ -244,7 +235,7 @@ async def test_short_redis_outage_strands_no_file_in_flight(
         r.redis.reset()
         await anyio.sleep(BLIP_S)
         r.redis.heal()
-        await wait_for(lambda: _finalized(settings, "in-flight"), timeout_s=20)
+        await wait_for(lambda: finalized(settings, "in-flight"), timeout_s=20)
     found = await settled_audit(
         settings.database_url or "", settings.redis_url or "", settings.namespace, 10
     )
