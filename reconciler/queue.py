@@ -40,6 +40,11 @@ async def translated() -> AsyncIterator[None]:
         yield
     except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
         raise RetryableError(f"redis: {type(exc).__name__}: {exc}") from exc
+    except RuntimeError as exc:
+        # uvloop reports a write to a connection the peer already reset this way.
+        if "handler is closed" not in str(exc):
+            raise
+        raise RetryableError(f"redis: connection closed: {exc}") from exc
     except redis_errors.RedisError as exc:
         raise TerminalError(f"redis: {type(exc).__name__}: {exc}") from exc
 
