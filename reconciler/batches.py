@@ -18,9 +18,9 @@ from typing import Any, Final, TypeVar
 import structlog
 
 from reconciler import jobs
-from reconciler.actors.finalizer import finalize
 from reconciler.database import Database, Row
 from reconciler.errors import BatchConflict, BatchNotFound, InvalidBatch
+from reconciler.finalization import finalize
 from reconciler.queue import JobQueue
 
 log = structlog.get_logger("reconciler.batches")

@@ -24,7 +24,6 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from reconciler import batches, migrations
-from reconciler.actors.finalizer import Outcome, finalize
 from reconciler.api_models import (
     ID_MAX_CHARS,
     NO_NUL,
@@ -45,6 +44,7 @@ from reconciler.errors import (
     RetryableError,
     TerminalError,
 )
+from reconciler.finalization import Outcome, finalize
 from reconciler.queue import JobQueue
 from reconciler.supervisor import Health
 

@@ -16,10 +16,10 @@ import anyio
 import structlog
 
 from reconciler import jobs, metrics
-from reconciler.actors.finalizer import Outcome, finalize
 from reconciler.config import Settings
 from reconciler.database import Database, columns
 from reconciler.execution import Attempted, outcome_columns
+from reconciler.finalization import Outcome, finalize
 from reconciler.queue import JobQueue
 
 log = structlog.get_logger("reconciler.sweeper")

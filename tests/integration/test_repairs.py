@@ -8,11 +8,12 @@ import anyio
 from prometheus_client import REGISTRY
 
 from reconciler import batches, metrics
-from reconciler.actors.finalizer import TIMED_OUT_REASON, Outcome, finalize
 from reconciler.actors.monitor import Monitor
 from reconciler.actors.sweeper import Sweeper
 from reconciler.app import Ports, Role
 from reconciler.config import Settings
+from reconciler.finalization import Outcome, finalize
+from reconciler.reasons import TIMED_OUT as TIMED_OUT_REASON
 from tests.helpers import age_pending_job, files, record, running, sql, submit, summary_of, wait_for
 
 
