@@ -1,0 +1,493 @@
+"""One run of the fault sweep: three small batches through a service whose ports fail.
+
+A run submits the batches through the faulty ports, restarts the service after a crash
+(a fresh generation around the same pools), waits until nothing is left to do, stops
+the last generation gracefully and records everything the invariants look at.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Final
+
+import anyio
+import asyncpg
+import redis.asyncio as aioredis
+import structlog
+from redis import exceptions as redis_errors
+
+from reconciler.app import Ports, Role, Service
+from reconciler.batches import FileSpec, submit
+from reconciler.config import Settings
+from reconciler.database import Database
+from reconciler.errors import RetryableError
+from reconciler.queue import JobQueue
+from tests.faults import handlers
+from tests.faults.handlers import HandlerRun
+from tests.faults.injector import CURRENT_GENERATION, Crash, FaultPlan, Generation, faulty_ports
+from tests.helpers import wait_for
+from tests.services import unique_name
+
+MAX_ATTEMPTS: Final = 3
+DEADLINE_S: Final = 0.6
+SLOW_S: Final = 1.2
+VISIBILITY_TIMEOUT_S: Final = 1.0
+SETTLE_TIMEOUT_S: Final = 15.0
+# How long stopped consumers may linger in the group once the run has settled.
+STALE_CONSUMER_GRACE_S: Final = 1.5
+RESTART_TIMEOUT_S: Final = 10.0
+STOP_TIMEOUT_S: Final = 10.0
+SUBMIT_TRIES: Final = 6
+POOL_SIZE: Final = 5
+LETTERS: Final = ("A", "B", "C")
+HANDLER: Final = "tests.faults.handlers:handle"
+
+
+def scenario_files(letter: str) -> list[FileSpec]:
+    """A: one file always fails; B: one fails its first attempt; C: one outlives the deadline."""
+    special = {
+        "A": {"behaviour": handlers.FAIL_ALWAYS},
+        "B": {"behaviour": handlers.FAIL_ONCE},
+        "C": {"behaviour": handlers.SLOW, "sleep_s": SLOW_S},
+    }[letter]
+    ids = [f"{letter.lower()}{i}" for i in range(4)]
+    return [FileSpec(fid, f"mem://{fid}", special if i == 0 else None) for i, fid in enumerate(ids)]
+
+
+def special_file(letter: str) -> str:
+    return f"{letter.lower()}0"
+
+
+def run_settings(database_url: str, redis_url: str, namespace: str) -> Settings:
+    return Settings(
+        database_url=database_url,
+        redis_url=redis_url,
+        namespace=namespace,
+        http_host="127.0.0.1",
+        http_port=0,
+        handler=HANDLER,
+        concurrency=4,
+        sweep_interval_s=0.2,
+        stuck_grace_s=0.0,
+        visibility_timeout_s=VISIBILITY_TIMEOUT_S,
+        max_attempts=MAX_ATTEMPTS,
+        file_timeout_s=5.0,
+        drain_timeout_s=1.0,
+        stats_interval_s=3600.0,
+    )
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    mode: str  # "clean" or a Mode value
+    points: frozenset[int] = frozenset()
+
+    def label(self) -> str:
+        return self.mode if not self.points else f"{self.mode} N={sorted(self.points)}"
+
+
+# -- lanes: one database, pool and Redis client per concurrent run ---------------------
+
+
+@dataclass(eq=False)
+class Lane:
+    """What runs in one lane share: a database (truncated between runs) and clients."""
+
+    database_url: str
+    redis_url: str
+    db: Database
+    redis: aioredis.Redis
+    check: asyncpg.Connection
+
+    async def reset(self, namespace: str) -> None:
+        """Empties the lane's tables and deletes the run's Redis keys."""
+        tables = await self.check.fetch(
+            "SELECT tablename FROM pg_tables WHERE schemaname = 'public'"
+            " AND tablename <> 'schema_migrations'"
+        )
+        names = ", ".join(f'"{r["tablename"]}"' for r in tables)
+        await self.check.execute(f"TRUNCATE {names} CASCADE")
+        keys = [key async for key in self.redis.scan_iter(match=f"{namespace}:*")]
+        if keys:
+            await self.redis.delete(*keys)
+
+
+@asynccontextmanager
+async def open_lane(admin_url: str, redis_url: str, template: str) -> AsyncIterator[Lane]:
+    from tests.services import with_database
+
+    name = unique_name("reconciler_faults")
+    admin = await asyncpg.connect(admin_url)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+    finally:
+        await admin.close()
+    url = with_database(admin_url, name)
+    db = await Database.connect(url, max_size=POOL_SIZE)
+    client = aioredis.Redis.from_url(redis_url)
+    check = await asyncpg.connect(url)
+    try:
+        yield Lane(url, redis_url, db, client, check)
+    finally:
+        with anyio.CancelScope(shield=True):
+            await check.close()
+            await client.aclose()
+            await db.close()
+            admin = await asyncpg.connect(admin_url)
+            try:
+                await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            finally:
+                await admin.close()
+
+
+# -- what a run leaves behind -------------------------------------------------------------
+
+
+@dataclass
+class FinalState:
+    batches: dict[str, dict[str, Any]]
+    files: dict[tuple[str, str], dict[str, Any]]
+    summaries: dict[str, list[dict[str, Any]]]
+    pending: int
+    queued: int
+    stream_length: int
+    dead_letters: int
+    consumers: list[str]
+
+
+@dataclass
+class RunRecord:
+    spec: RunSpec
+    plan: FaultPlan
+    generations: int
+    settled: bool
+    left_before_stop: str
+    stale_consumers: list[str]
+    final: FinalState
+    journal: list[HandlerRun]
+    finalized_events: dict[str, int]
+    duration_s: float
+    errors: list[str] = field(default_factory=list)
+
+    def label(self) -> str:
+        """The run and the port call at each of its fault points."""
+        calls = dict(self.plan.log)
+        at = ", ".join(f"{n}: {calls.get(n, 'not reached')}" for n in sorted(self.spec.points))
+        return f"[{self.spec.label()}{' ' + at if at else ''}]"
+
+
+@dataclass(eq=False)
+class RunContext:
+    """Per-run state the log router and the handler reach through context variables."""
+
+    tag: str
+    events: list[MutableMapping[str, Any]] = field(default_factory=list)
+
+
+CURRENT_RUN: contextvars.ContextVar[RunContext | None] = contextvars.ContextVar(
+    "fault_run", default=None
+)
+
+
+def route_event(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """A structlog processor: files each event under its run, with its generation."""
+    run = CURRENT_RUN.get()
+    if run is None:
+        return event
+    generation = CURRENT_GENERATION.get()
+    event["generation"] = generation.number if generation else 0
+    run.events.append(event)
+    raise structlog.DropEvent
+
+
+async def redis_state(client: aioredis.Redis, queue: JobQueue) -> tuple[int, int, int, int]:
+    """Pending entries in the group, queued members, stream length, dead letters."""
+    try:
+        pending = int((await client.xpending(queue.stream, queue.group))["pending"])
+    except redis_errors.ResponseError:  # no group: nothing can be pending
+        pending = 0
+    queued = int(await client.scard(queue.queued))
+    return pending, queued, int(await client.xlen(queue.stream)), int(await client.xlen(queue.dead))
+
+
+async def group_consumers(client: aioredis.Redis, queue: JobQueue) -> list[str]:
+    try:
+        rows = await client.xinfo_consumers(queue.stream, queue.group)
+    except redis_errors.ResponseError:
+        return []
+    return sorted(row["name"].decode() for row in rows)
+
+
+_LEFT_SQL: Final = """
+SELECT (SELECT count(*) FROM batches) AS batches,
+       (SELECT count(*) FROM batches WHERE status = 'processing') AS unfinalized,
+       (SELECT count(*) FROM batch_files
+         WHERE status IN ('pending', 'processing') OR lease_expires_at IS NOT NULL) AS open_files
+"""
+
+
+async def left_behind(lane: Lane, queue: JobQueue) -> str:
+    """What is still to do, as text; empty once every batch is done and nothing is left."""
+    row = await lane.check.fetchrow(_LEFT_SQL)
+    assert row is not None
+    pending, queued, length, _ = await redis_state(lane.redis, queue)
+    parts = {
+        "batches missing": len(LETTERS) - row["batches"],
+        "unfinalized": row["unfinalized"],
+        "open files": row["open_files"],
+        "pending jobs": pending,
+        "queued members": queued,
+        "stream entries": length,
+    }
+    return ", ".join(f"{k}={v}" for k, v in parts.items() if v)
+
+
+async def final_state(lane: Lane, tag: str, queue: JobQueue) -> FinalState:
+    batches = {
+        _letter(tag, r["batch_id"]): dict(r)
+        for r in await lane.check.fetch("SELECT * FROM batches")
+    }
+    files = {
+        (_letter(tag, r["batch_id"]), r["file_id"]): dict(r)
+        for r in await lane.check.fetch("SELECT * FROM batch_files")
+    }
+    summaries: dict[str, list[dict[str, Any]]] = {}
+    for r in await lane.check.fetch("SELECT * FROM run_summaries"):
+        summaries.setdefault(_letter(tag, r["batch_id"]), []).append(dict(r))
+    pending, queued, length, dead = await redis_state(lane.redis, queue)
+    consumers = await group_consumers(lane.redis, queue)
+    return FinalState(batches, files, summaries, pending, queued, length, dead, consumers)
+
+
+def _letter(tag: str, batch_id: str) -> str:
+    return batch_id.removeprefix(f"{tag}-")
+
+
+# -- one run ------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class Life:
+    """One generation of the service and whether its `serve()` has returned."""
+
+    generation: Generation
+    service: Service
+    finished: anyio.Event = field(default_factory=anyio.Event)
+
+
+class Run:
+    """Drives one run: generations of the service, submission, settling, graceful stop."""
+
+    def __init__(self, lane: Lane, spec: RunSpec, plan: FaultPlan) -> None:
+        self.lane, self.spec, self.plan = lane, spec, plan
+        self.tag = unique_name("r")
+        self.namespace = unique_name("flt")
+        self.settings = run_settings(lane.database_url, lane.redis_url, self.namespace)
+        self.real = Ports(lane.db, JobQueue(lane.redis, self.namespace))
+        self.lives: list[Life] = []
+        self.changed = anyio.Event()
+        self.errors: list[str] = []
+
+    def batch_id(self, letter: str) -> str:
+        return f"{self.tag}-{letter}"
+
+    @property
+    def current(self) -> Life:
+        return self.lives[-1]
+
+    async def serve_generations(self) -> None:
+        """Starts a generation; after each crash, waits as a restart would, then another."""
+        while True:
+            generation = Generation(len(self.lives) + 1)
+            ports = faulty_ports(self.real, self.plan, generation)
+            service = Service(self.settings, ports, Role.ALL)
+            life = Life(generation, service)
+            self.lives.append(life)
+            self.changed.set()
+            self.changed = anyio.Event()
+            try:
+                await self._serve(life)
+            finally:
+                life.finished.set()
+            if not generation.dead:
+                return
+            await self._await_restart()
+
+    async def _serve(self, life: Life) -> None:
+        token = CURRENT_GENERATION.set(life.generation)
+        life.generation.on_death.append(partial(_close_listeners, life.service))
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(_cancel_on_death, life.generation, tg.cancel_scope)
+                await life.service.serve()
+                tg.cancel_scope.cancel()
+        except* Crash:
+            pass  # the generation died; what it left behind is the next one's problem
+        finally:
+            CURRENT_GENERATION.reset(token)
+
+    async def _await_restart(self) -> None:
+        # A restarted process comes back once the dead one's leases have run out (its
+        # liveness timeout); coming back sooner only adds the consumer's claim interval.
+        await wait_for(
+            self._dead_leases_expired, timeout_s=RESTART_TIMEOUT_S, what="dead leases expire"
+        )
+
+    async def _dead_leases_expired(self) -> bool:
+        queue = self.real.queue
+        try:
+            pending = await self.lane.redis.xpending(queue.stream, queue.group)
+        except redis_errors.ResponseError:
+            return True
+        count = int(pending["pending"])
+        if not count:
+            return True
+        idle_ms = int(VISIBILITY_TIMEOUT_S * 1000)
+        aged = await self.lane.redis.xpending_range(
+            queue.stream, queue.group, "-", "+", count, idle=idle_ms
+        )
+        return len(aged) >= count
+
+    async def live(self) -> Life:
+        """The generation alive now, waiting for a restart if needed."""
+        with anyio.fail_after(RESTART_TIMEOUT_S + SETTLE_TIMEOUT_S):
+            while not self.lives or self.current.generation.dead:
+                await self.changed.wait()
+        return self.current
+
+    async def submit_all(self) -> None:
+        for letter in LETTERS:
+            await self._submit(letter)
+
+    async def _submit(self, letter: str) -> None:
+        """Submits as a user would: on an error, again with the same batch id."""
+        deadline = DEADLINE_S if letter == "C" else None
+        for _ in range(SUBMIT_TRIES):
+            ports = (await self.live()).service.ports
+            try:
+                await submit(
+                    ports.db, ports.queue, scenario_files(letter),
+                    batch_id=self.batch_id(letter), deadline_s=deadline,
+                )  # fmt: skip
+                return
+            except (RetryableError, Crash):
+                continue
+        self.errors.append(f"batch {letter} could not be submitted in {SUBMIT_TRIES} tries")
+
+    async def settle(self) -> str:
+        """Waits until nothing is left to do; returns what is left if that never happens."""
+        try:
+            await wait_for(self._settled, timeout_s=SETTLE_TIMEOUT_S, what="the run to settle")
+        except AssertionError:
+            return await left_behind(self.lane, self.real.queue) or "settled too late"
+        return ""
+
+    async def _settled(self) -> bool:
+        return not self.current.generation.dead and not await left_behind(
+            self.lane, self.real.queue
+        )
+
+    async def stale_consumers(self, events: list[MutableMapping[str, Any]]) -> list[str]:
+        """Consumers of stopped generations or runs still in the group, after a grace."""
+
+        async def stale() -> list[str]:
+            live = self.current.service.consumer
+            names = await group_consumers(self.lane.redis, self.real.queue)
+            return [n for n in names if live is None or n != live.consumer]
+
+        try:
+            await wait_for(
+                _none(stale), timeout_s=STALE_CONSUMER_GRACE_S, what="stale consumers leave"
+            )
+        except AssertionError:
+            return [_owner(name, events) for name in await stale()]
+        return []
+
+    async def stop(self) -> bool:
+        """Stops the live generation gracefully; a crash while stopping means another go."""
+        with anyio.move_on_after(STOP_TIMEOUT_S + RESTART_TIMEOUT_S + SETTLE_TIMEOUT_S):
+            while True:
+                life = await self.live()
+                life.service.stop.set()
+                await life.finished.wait()
+                if not life.generation.dead:
+                    return True
+                await self.live()
+                await self.settle()
+        return False
+
+
+def _none(probe: Callable[[], Awaitable[list[str]]]) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        return not await probe()
+
+    return check
+
+
+def _owner(name: str, events: list[MutableMapping[str, Any]]) -> str:
+    for event in events:
+        if event.get("event") == "consumer_started" and event.get("consumer") == name:
+            return f"{name} (generation {event['generation']})"
+    return name
+
+
+def _close_listeners(service: Service) -> None:
+    """A dead process's listening socket goes with it, unregistered from the loop.
+
+    Cancelled, uvicorn never closes its asyncio servers and the API actor then closes
+    their socket under the loop's selector; the next socket to get that descriptor fails
+    to connect (ENOENT from epoll). Closing the servers first keeps the loop sound.
+    """
+    server = getattr(service.api, "_server", None)
+    for listener in getattr(server, "servers", []):
+        listener.close()
+
+
+async def _cancel_on_death(generation: Generation, scope: anyio.CancelScope) -> None:
+    await generation.died.wait()
+    scope.cancel()
+
+
+async def execute(lane: Lane, spec: RunSpec, plan: FaultPlan) -> RunRecord:
+    """Runs the scenario once under `plan` and records its end state; resets the lane."""
+    run = Run(lane, spec, plan)
+    context = RunContext(run.tag)
+    token = CURRENT_RUN.set(context)
+    started = time.monotonic()
+    try:
+        return await _drive(run, context, started)
+    finally:
+        CURRENT_RUN.reset(token)
+        handlers.forget({run.batch_id(letter) for letter in LETTERS})
+        await lane.reset(run.namespace)
+
+
+async def _drive(run: Run, context: RunContext, started: float) -> RunRecord:
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run.serve_generations)
+        await run.submit_all()
+        left = await run.settle()
+        stale = await run.stale_consumers(context.events) if not left else []
+        if not await run.stop():
+            run.errors.append(f"the last generation did not stop within {STOP_TIMEOUT_S} s")
+            tg.cancel_scope.cancel()
+    final = await final_state(run.lane, run.tag, run.real.queue)
+    finalized = {
+        letter: sum(
+            1
+            for e in context.events
+            if e.get("event") == "batch_finalized" and e.get("batch_id") == run.batch_id(letter)
+        )
+        for letter in LETTERS
+    }
+    return RunRecord(
+        spec=run.spec, plan=run.plan, generations=len(run.lives), settled=not left,
+        left_before_stop=left, stale_consumers=stale, final=final,
+        journal=list(handlers.runs_of({run.batch_id(x) for x in LETTERS})),
+        finalized_events=finalized, duration_s=time.monotonic() - started, errors=run.errors,
+    )  # fmt: skip
