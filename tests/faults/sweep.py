@@ -117,20 +117,29 @@ async def sweep(services: Endpoints, template: str) -> SweepResult:
 
 
 def grouped(violations: list[Violation]) -> list[str]:
-    """One line per (invariant, kind): how many runs per mode, and one example."""
-    counts: Counter[tuple[str, str]] = Counter()
-    modes: dict[tuple[str, str], Counter[str]] = {}
-    example: dict[tuple[str, str], Violation] = {}
+    """One line per (invariant, kind): runs per mode, the calls failed at N, an example."""
+    runs: dict[tuple[str, str], dict[str, Violation]] = {}
     for v in violations:
-        key = (v.invariant, v.kind)
-        counts[key] += 1
-        modes.setdefault(key, Counter())[v.run.split(" ")[0].strip("[]")] += 1
-        example.setdefault(key, v)
-    return [
-        f"{inv} {kind}: {n}x ({', '.join(f'{m} {c}' for m, c in sorted(modes[inv, kind].items()))})"
-        f"; e.g. {example[inv, kind].run} {example[inv, kind].detail}"
-        for (inv, kind), n in sorted(counts.items())
-    ]
+        runs.setdefault((v.invariant, v.kind), {}).setdefault(v.run, v)
+    lines = []
+    for (inv, kind), by_run in sorted(runs.items()):
+        modes = Counter(run.split(" ")[0].strip("[]") for run in by_run)
+        calls = Counter(_call_at_n(run) for run in by_run)
+        example = next(iter(by_run.values()))
+        lines.append(
+            f"{inv} {kind}: {len(by_run)} runs ({_counts(modes)}); at N: {_counts(calls)}; "
+            f"e.g. {example.run} {example.detail}"
+        )
+    return lines
+
+
+def _call_at_n(run: str) -> str:
+    """The port method named in a run label such as `[lost N=[12] 12: Database.fetch]`."""
+    return run.rstrip("]").rsplit(": ", 1)[1] if ": " in run else "-"
+
+
+def _counts(counter: Counter[str]) -> str:
+    return ", ".join(f"{name} {n}" for name, n in counter.most_common())
 
 
 def summary_line(result: SweepResult, violations: list[Violation]) -> str:
