@@ -108,7 +108,10 @@ class _Faulty:
     _plan: FaultPlan
     _generation: Generation
 
-    def _bind(self, inner: Any, plan: FaultPlan, generation: Generation) -> None:
+    def _adopt(self, inner: Any, plan: FaultPlan, generation: Generation) -> None:
+        # The real port's state as is (pool or client, key names, scripts), so whatever
+        # the port grows later is shared rather than rebuilt from guessed arguments.
+        self.__dict__.update(vars(inner))
         self._inner, self._plan, self._generation = inner, plan, generation
 
     def _wrap_result(self, value: Any) -> Any:
@@ -166,22 +169,17 @@ def _wrap_all(faulty: type[_Faulty], port: type) -> type[_Faulty]:
 
 class FaultySession(_Faulty, Session):
     def __init__(self, inner: Session, plan: FaultPlan, generation: Generation) -> None:
-        super().__init__(inner._conn)
-        self._bind(inner, plan, generation)
+        self._adopt(inner, plan, generation)
 
 
 class FaultyDatabase(_Faulty, Database):
     def __init__(self, inner: Database, plan: FaultPlan, generation: Generation) -> None:
-        super().__init__(inner._pool)
-        self._bind(inner, plan, generation)
+        self._adopt(inner, plan, generation)
 
 
 class FaultyQueue(_Faulty, JobQueue):
     def __init__(self, inner: JobQueue, plan: FaultPlan, generation: Generation) -> None:
-        JobQueue.__init__(self, inner._redis, "unused")
-        self.stream, self.group = inner.stream, inner.group
-        self.dead, self.queued = inner.dead, inner.queued
-        self._bind(inner, plan, generation)
+        self._adopt(inner, plan, generation)
 
 
 _wrap_all(FaultySession, Session)

@@ -45,6 +45,8 @@ ACTOR_METHODS: Final = frozenset(
         "JobQueue.ack",
         "JobQueue.length",
         "JobQueue.release",
+        "JobQueue.prune_consumers",
+        "JobQueue.take_recovery",
     }
 )
 # Called by the actors only after something already went wrong: faulted in the long form.
