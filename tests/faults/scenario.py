@@ -43,6 +43,8 @@ STALE_CONSUMER_GRACE_S: Final = 1.5
 RESTART_TIMEOUT_S: Final = 10.0
 STOP_TIMEOUT_S: Final = 10.0
 SUBMIT_TRIES: Final = 6
+# Longer than all the stage deadlines together: past it, something hangs.
+RUN_LIMIT_S: Final = 90.0
 POOL_SIZE: Final = 5
 LETTERS: Final = ("A", "B", "C")
 HANDLER: Final = "tests.faults.handlers:handle"
@@ -215,12 +217,15 @@ async def redis_state(client: aioredis.Redis, queue: JobQueue) -> tuple[int, int
     return pending, queued, int(await client.xlen(queue.stream)), int(await client.xlen(queue.dead))
 
 
-async def group_consumers(client: aioredis.Redis, queue: JobQueue) -> list[str]:
+async def consumer_rows(client: aioredis.Redis, queue: JobQueue) -> list[dict[str, Any]]:
     try:
-        rows = await client.xinfo_consumers(queue.stream, queue.group)
-    except redis_errors.ResponseError:
+        return list(await client.xinfo_consumers(queue.stream, queue.group))
+    except redis_errors.ResponseError:  # no group, no consumers
         return []
-    return sorted(row["name"].decode() for row in rows)
+
+
+async def group_consumers(client: aioredis.Redis, queue: JobQueue) -> list[str]:
+    return sorted(row["name"].decode() for row in await consumer_rows(client, queue))
 
 
 _LEFT_SQL: Final = """
@@ -247,7 +252,9 @@ async def left_behind(lane: Lane, queue: JobQueue) -> str:
     return ", ".join(f"{k}={v}" for k, v in parts.items() if v)
 
 
-async def final_state(lane: Lane, tag: str, queue: JobQueue) -> FinalState:
+async def final_state(
+    lane: Lane, tag: str, queue: JobQueue, events: list[MutableMapping[str, Any]]
+) -> FinalState:
     batches = {
         _letter(tag, r["batch_id"]): dict(r)
         for r in await lane.check.fetch("SELECT * FROM batches")
@@ -260,7 +267,10 @@ async def final_state(lane: Lane, tag: str, queue: JobQueue) -> FinalState:
     for r in await lane.check.fetch("SELECT * FROM run_summaries"):
         summaries.setdefault(_letter(tag, r["batch_id"]), []).append(dict(r))
     pending, queued, length, dead = await redis_state(lane.redis, queue)
-    consumers = await group_consumers(lane.redis, queue)
+    consumers = [
+        f"{_owner(row['name'].decode(), events)} pending={row['pending']} idle={row['idle']}ms"
+        for row in await consumer_rows(lane.redis, queue)
+    ]
     return FinalState(batches, files, summaries, pending, queued, length, dead, consumers)
 
 
@@ -292,6 +302,7 @@ class Run:
         self.lives: list[Life] = []
         self.changed = anyio.Event()
         self.errors: list[str] = []
+        self.stage = "starting"
 
     def batch_id(self, letter: str) -> str:
         return f"{self.tag}-{letter}"
@@ -453,6 +464,10 @@ async def _cancel_on_death(generation: Generation, scope: anyio.CancelScope) -> 
     scope.cancel()
 
 
+class RunHung(Exception):
+    """A run outlived every deadline of its stages: the harness or the service hangs."""
+
+
 async def execute(lane: Lane, spec: RunSpec, plan: FaultPlan) -> RunRecord:
     """Runs the scenario once under `plan` and records its end state; resets the lane."""
     run = Run(lane, spec, plan)
@@ -460,7 +475,9 @@ async def execute(lane: Lane, spec: RunSpec, plan: FaultPlan) -> RunRecord:
     token = CURRENT_RUN.set(context)
     started = time.monotonic()
     try:
-        return await _drive(run, context, started)
+        with anyio.move_on_after(RUN_LIMIT_S):
+            return await _drive(run, context, started)
+        raise RunHung(f"[{spec.label()}] still {run.stage} after {RUN_LIMIT_S} s")
     finally:
         CURRENT_RUN.reset(token)
         handlers.forget({run.batch_id(letter) for letter in LETTERS})
@@ -470,13 +487,18 @@ async def execute(lane: Lane, spec: RunSpec, plan: FaultPlan) -> RunRecord:
 async def _drive(run: Run, context: RunContext, started: float) -> RunRecord:
     async with anyio.create_task_group() as tg:
         tg.start_soon(run.serve_generations)
+        run.stage = "submitting"
         await run.submit_all()
+        run.stage = "settling"
         left = await run.settle()
+        run.stage = "waiting for stopped consumers to leave"
         stale = await run.stale_consumers(context.events) if not left else []
+        run.stage = "stopping"
         if not await run.stop():
             run.errors.append(f"the last generation did not stop within {STOP_TIMEOUT_S} s")
             tg.cancel_scope.cancel()
-    final = await final_state(run.lane, run.tag, run.real.queue)
+    run.stage = "reading the end state"
+    final = await final_state(run.lane, run.tag, run.real.queue, context.events)
     finalized = {
         letter: sum(
             1
