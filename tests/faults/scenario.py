@@ -303,6 +303,8 @@ class Run:
         self.changed = anyio.Event()
         self.errors: list[str] = []
         self.stage = "starting"
+        self.events: list[MutableMapping[str, Any]] = []
+        self.stale: list[str] = []
 
     def batch_id(self, letter: str) -> str:
         return f"{self.tag}-{letter}"
@@ -403,7 +405,7 @@ class Run:
             self.lane, self.real.queue
         )
 
-    async def stale_consumers(self, events: list[MutableMapping[str, Any]]) -> list[str]:
+    async def stale_consumers(self) -> list[str]:
         """Consumers of stopped generations or runs still in the group, after a grace."""
 
         async def stale() -> list[str]:
@@ -416,7 +418,7 @@ class Run:
                 _none(stale), timeout_s=STALE_CONSUMER_GRACE_S, what="stale consumers leave"
             )
         except AssertionError:
-            return [_owner(name, events) for name in await stale()]
+            return [_owner(name, self.events) for name in await stale()]
         return []
 
     async def stop(self) -> bool:
@@ -428,8 +430,11 @@ class Run:
                 await life.finished.wait()
                 if not life.generation.dead:
                     return True
+                # Restarted while stopping: the new generation gets the same chance to
+                # finish and to clear stopped consumers as the first one did.
                 await self.live()
-                await self.settle()
+                if not await self.settle():
+                    self.stale += await self.stale_consumers()
         return False
 
 
@@ -471,7 +476,7 @@ class RunHung(Exception):
 async def execute(lane: Lane, spec: RunSpec, plan: FaultPlan) -> RunRecord:
     """Runs the scenario once under `plan` and records its end state; resets the lane."""
     run = Run(lane, spec, plan)
-    context = RunContext(run.tag)
+    context = RunContext(run.tag, run.events)
     token = CURRENT_RUN.set(context)
     started = time.monotonic()
     try:
@@ -492,7 +497,7 @@ async def _drive(run: Run, context: RunContext, started: float) -> RunRecord:
         run.stage = "settling"
         left = await run.settle()
         run.stage = "waiting for stopped consumers to leave"
-        stale = await run.stale_consumers(context.events) if not left else []
+        run.stale = await run.stale_consumers() if not left else []
         run.stage = "stopping"
         if not await run.stop():
             run.errors.append(f"the last generation did not stop within {STOP_TIMEOUT_S} s")
@@ -509,7 +514,7 @@ async def _drive(run: Run, context: RunContext, started: float) -> RunRecord:
     }
     return RunRecord(
         spec=run.spec, plan=run.plan, generations=len(run.lives), settled=not left,
-        left_before_stop=left, stale_consumers=stale, final=final,
+        left_before_stop=left, stale_consumers=run.stale, final=final,
         journal=list(handlers.runs_of({run.batch_id(x) for x in LETTERS})),
         finalized_events=finalized, duration_s=time.monotonic() - started, errors=run.errors,
     )  # fmt: skip
