@@ -244,20 +244,15 @@ WHERE f.batch_id = d.batch_id AND f.file_id = d.file_id
 RETURNING f.batch_id, f.file_id, f.uri, f.payload::text AS payload;
 
 -- name: unfinished_files
--- After Redis lost its data: every unfinished file of an unfinalized batch, in flight
--- or pending since more than $3 seconds (younger ones are still being enqueued by their
--- submitter), in key order after ($1, $2), at most $4; payloads as submitted.
+-- After Redis lost its data: every unfinished file of an unfinalized batch, pending or
+-- in flight, in key order after ($1, $2), at most $3; payloads as submitted.
 SELECT f.batch_id, f.file_id, f.uri, f.payload::text AS payload
 FROM batches b
 JOIN batch_files f ON f.batch_id = b.batch_id
-WHERE b.status = 'processing'
-  AND (f.status = 'processing'
-       OR (f.status = 'pending'
-           AND (f.enqueued_at IS NULL
-                OR f.enqueued_at < now() - make_interval(secs => $3::double precision))))
+WHERE b.status = 'processing' AND f.status IN ('pending', 'processing')
   AND (f.batch_id, f.file_id) > ($1, $2)
 ORDER BY f.batch_id, f.file_id
-LIMIT $4;
+LIMIT $3;
 
 -- name: gauges
 SELECT count(*) AS in_progress,

@@ -363,18 +363,22 @@ class Consumer:
     async def _renew_leases(self) -> None:
         """Keeps this consumer's leases fresh in Postgres and in the stream's PEL.
 
-        The two renewals are independent: a Postgres blink must not let the Redis
-        lease lapse, or another consumer would take a job that is still running.
+        The two renewals are independent: a Postgres blink or hang must not let the
+        Redis lease lapse, or another consumer would take a job that is still running.
         """
         while True:
             await anyio.sleep(self._settings.lease_renew_interval_s)
-            vis = self._settings.visibility_timeout_s
-            await self._renew(
-                "postgres", partial(self._db.execute, "renew_leases", self.consumer, vis)
-            )
-            await self._renew(
-                "redis", partial(self._queue.renew, self.consumer, list(self._in_flight))
-            )
+            # Side by side: a Postgres call hanging until its timeout must not delay Redis.
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._renew, "postgres", self._renew_postgres)
+                tg.start_soon(self._renew, "redis", self._renew_redis)
+
+    async def _renew_postgres(self) -> None:
+        vis = self._settings.visibility_timeout_s
+        await self._db.execute("renew_leases", self.consumer, vis)
+
+    async def _renew_redis(self) -> None:
+        await self._queue.renew(self.consumer, list(self._in_flight))
 
     async def _renew(self, where: str, call: Callable[[], Awaitable[Any]]) -> None:
         try:
