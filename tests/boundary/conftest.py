@@ -10,6 +10,7 @@ import pytest
 
 from tests.acceptance.processes import with_env
 from tests.boundary.support import SETTINGS, Replicas
+from tests.chaos.harness import PrivateRedis, private_redis
 
 
 @pytest.fixture
@@ -32,3 +33,10 @@ def replicas(env: dict[str, str], tmp_path: Path) -> Iterator[Replicas]:
 def journal(tmp_path: Path) -> Path:
     """Where `workload` appends one line per handler call."""
     return tmp_path / "journal.tsv"
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
+    """A redis-server of this test alone, to pause, fill or empty."""
+    with private_redis(tmp_path) as server:
+        yield server

@@ -10,13 +10,15 @@ import json
 import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final, NamedTuple
 
 import anyio
 import redis.asyncio as aioredis
 
+from reconciler.app import Ports, open_ports
+from reconciler.config import Settings
 from tests.acceptance.processes import ServiceProcess
 from tests.chaos.harness import read_events, wait_for_event
 from tests.helpers import sql, wait_for
@@ -187,3 +189,11 @@ async def consumers(url: str, namespace: str) -> list[str]:
     async with redis_client(url) as client:
         found = await client.xinfo_consumers(f"{namespace}:jobs", f"{namespace}:workers")
     return sorted(c["name"].decode() if isinstance(c["name"], bytes) else c["name"] for c in found)
+
+
+@asynccontextmanager
+async def ports_on(settings: Settings, redis_url: str) -> AsyncIterator[Ports]:
+    """The service's ports for this test's database and another Redis."""
+    async with open_ports(replace(settings, redis_url=redis_url)) as ports:
+        await ports.queue.ensure_group()
+        yield ports
