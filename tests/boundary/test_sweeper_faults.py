@@ -88,7 +88,10 @@ async def test_redis_out_of_memory_does_not_stop_the_sweeper(
     async def sweeping() -> bool:
         return len(events(sweeper, "sweep_finished")) >= SWEEPS_WANTED
 
-    await wait_for(
-        sweeping, timeout_s=SWEEPS_WITHIN_S, what=f"{SWEEPS_WANTED} sweeps with Redis full"
-    )
+    try:
+        await wait_for(sweeping, timeout_s=SWEEPS_WITHIN_S, what=f"{SWEEPS_WANTED} sweeps")
+    except AssertionError as exc:
+        crashes = events(sweeper, "actor_crashed")
+        last = crashes[-1].get("error") if crashes else None
+        raise AssertionError(f"{exc}; {len(crashes)} actor crashes, last: {last}") from None
     assert _longest_backoff(sweeper) <= RETRYABLE_BACKOFF_MAX_S
