@@ -57,7 +57,7 @@ def sweeper_parameters(settings: Settings) -> dict[str, tuple[Any, ...]]:
     return {
         "expired_leases": (settings.max_attempts, SWEEP_BATCH_LIMIT),
         "exhausted_leases": (settings.max_attempts, SWEEP_BATCH_LIMIT),
-        "unqueued_files": (requeue_grace_s, SWEEP_BATCH_LIMIT),
+        "claim_unqueued_files": (requeue_grace_s, SWEEP_BATCH_LIMIT),
         "deadline_batches": (SWEEP_BATCH_LIMIT,),
         "stuck_batches": (settings.stuck_grace_s, SWEEP_BATCH_LIMIT),
     }
@@ -153,6 +153,9 @@ async def _time_interleaved(
         sweepers = []
         for settings in every:
             ports = await stack.enter_async_context(open_ports(settings))
+            # The seeded files stand for jobs waiting on an intact stream: what is timed
+            # is the steady pass, not the one-off recovery after Redis lost its data.
+            await ports.queue.take_recovery()
             sweepers.append(Sweeper(settings, ports.db, ports.queue))
         for index in range(WARMUP_PASSES + passes):
             for sweeper, (durations, repairs) in zip(sweepers, results, strict=True):

@@ -124,7 +124,7 @@ async def submit(
         for chunk in _chunks(files):
             await tx.execute(
                 "insert_files", batch_id, [f.file_id for f in chunk], [f.uri for f in chunk],
-                [None if f.payload is None else json.dumps(f.payload) for f in chunk],
+                [None if f.payload is None else jobs.payload_text(f.payload) for f in chunk],
             )  # fmt: skip
     await _enqueue(queue, batch_id, files, entries)
     log.info("batch_submitted", batch_id=batch_id, total_files=len(files))

@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Final
 
@@ -20,7 +21,7 @@ from reconciler import batches, demo, logs, migrations
 from reconciler.app import Role, open_ports, run_service
 from reconciler.client import Client, files_from_paths
 from reconciler.config import Settings, redact_url
-from reconciler.errors import ConfigError, ReconcilerError, UsageError
+from reconciler.errors import ConfigError, ReconcilerError, SubmitFailed, UsageError
 from reconciler.views import print_explain, print_progress, print_stuck, print_summary
 
 log = structlog.get_logger("reconciler.cli")
@@ -73,7 +74,7 @@ def _main(args: argparse.Namespace) -> int:
     try:
         settings = Settings.from_env(os.environ)
         logs.configure(settings.log_format)
-        return anyio.run(_dispatch, args, settings, backend_options={"use_uvloop": True})
+        return _run_unwrapped(args, settings)
     except ConfigError as exc:
         print(f"reconciler: configuration error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -85,6 +86,23 @@ def _main(args: argparse.Namespace) -> int:
         return EXIT_FAILURE
     except KeyboardInterrupt:
         return EXIT_FAILURE
+
+
+def _run_unwrapped(args: argparse.Namespace, settings: Settings) -> int:
+    """Runs the command; an error raised inside a task group surfaces as itself."""
+    try:
+        return anyio.run(_dispatch, args, settings, backend_options={"use_uvloop": True})
+    except BaseExceptionGroup as group:
+        raise _first_leaf(group) from None
+
+
+def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The first ReconcilerError in a (nested) group, else its first exception."""
+    matched, _ = group.split(ReconcilerError)
+    leaf: BaseException = matched or group
+    while isinstance(leaf, BaseExceptionGroup):
+        leaf = leaf.exceptions[0]
+    return leaf
 
 
 async def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
@@ -134,8 +152,17 @@ async def _watch_signals(stop: anyio.Event, scope: anyio.CancelScope) -> None:
 
 async def _submit(args: argparse.Namespace, settings: Settings) -> int:
     files = files_from_paths(args.paths)
-    async with Client.open(settings) as client:
-        submitted = await client.submit(files, batch_id=args.batch_id, deadline_s=args.deadline_s)
+    # Fixed before anything is written, so a failure can say how to retry it safely.
+    batch_id = args.batch_id or batches.new_batch_id()
+    async with AsyncExitStack() as stack:
+        try:
+            client = await stack.enter_async_context(Client.open(settings))
+            submitted = await client.submit(files, batch_id=batch_id, deadline_s=args.deadline_s)
+        except ReconcilerError as exc:
+            raise SubmitFailed(
+                f"{exc}\nbatch {batch_id} may have been created: retrying with"
+                f" `reconciler submit ... --batch-id {batch_id}` is safe (same files, same batch)"
+            ) from exc
         verb = "created" if submitted.created else "already existed"
         print(f"batch {submitted.batch_id} {verb} with {submitted.total_files} files")
         if not args.wait:

@@ -53,3 +53,7 @@ class WaitTimeout(ReconcilerError):
 
 class InvalidData(TerminalError):
     """Postgres refused a value (too long, malformed, violates a constraint)."""
+
+
+class SubmitFailed(ReconcilerError):
+    """A submission failed part-way; the message names the batch id to retry with."""

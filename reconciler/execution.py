@@ -10,7 +10,7 @@ import asyncio
 import json
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Final
 
@@ -31,6 +31,10 @@ MAX_RESULT_BYTES: Final = 256 * 1024
 _SUCCEEDED: Final = metrics.FILES_PROCESSED.labels("succeeded")
 _FAILED: Final = metrics.FILES_PROCESSED.labels("failed")
 _RETRIED: Final = metrics.FILES_PROCESSED.labels("retried")
+
+# Called before each retry: records the next attempt as started and returns the job
+# carrying its number, or None when the file must not run again here.
+NextAttempt = Callable[[FileJob], Awaitable[FileJob | None]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,27 +120,33 @@ class Executor:
         self._max_attempts = max_attempts
         self._threads = anyio.CapacityLimiter(threads)
 
-    async def execute(self, job: FileJob) -> Attempted:
-        """Attempts the file until it succeeds or its attempts are spent."""
-        attempt = job.attempt
+    async def execute(
+        self, job: FileJob, next_attempt: NextAttempt | None = None
+    ) -> Attempted | None:
+        """Attempts the file until it succeeds or its attempts are spent.
+
+        `job.attempt` is the attempt already recorded as started; None means
+        `next_attempt` declined a retry (stopping, or the file was settled elsewhere).
+        """
         while True:
             started = time.perf_counter()
             try:
-                result = await self._attempt(
-                    job if job.attempt == attempt else replace(job, attempt=attempt)
-                )
+                result = await self._attempt(job)
             except Exception as exc:
                 elapsed = time.perf_counter() - started
                 metrics.FILE_PROCESSING.observe(elapsed)
-                if attempt >= self._max_attempts:
-                    return self._failed(job, exc, elapsed, attempt)
-                await self._back_off(job, exc, attempt)
-                attempt += 1
+                if job.attempt >= self._max_attempts:
+                    return self._failed(job, exc, elapsed)
+                await self._back_off(job, exc)
+                following = await (next_attempt or _next)(job)
+                if following is None:
+                    return None
+                job = following
                 continue
             elapsed = time.perf_counter() - started
             metrics.FILE_PROCESSING.observe(elapsed)
             _SUCCEEDED.inc()
-            return Attempted(True, result, None, elapsed, attempt)
+            return Attempted(True, result, None, elapsed, job.attempt)
 
     async def _attempt(self, job: FileJob) -> str | None:
         with anyio.fail_after(self._timeout_s):
@@ -148,24 +158,28 @@ class Executor:
                 )
         return to_json(raw)
 
-    def _failed(self, job: FileJob, exc: Exception, elapsed: float, attempt: int) -> Attempted:
+    def _failed(self, job: FileJob, exc: Exception, elapsed: float) -> Attempted:
         _FAILED.inc()
         reason = describe(exc)
         log.warning(
             "file_failed",
-            batch_id=job.batch_id, file_id=job.file_id, attempts=attempt, error=reason,
+            batch_id=job.batch_id, file_id=job.file_id, attempts=job.attempt, error=reason,
         )  # fmt: skip
-        return Attempted(False, None, reason, elapsed, attempt)
+        return Attempted(False, None, reason, elapsed, job.attempt)
 
-    async def _back_off(self, job: FileJob, exc: Exception, attempt: int) -> None:
+    async def _back_off(self, job: FileJob, exc: Exception) -> None:
         _RETRIED.inc()
-        delay = retry_delay_s(attempt)
+        delay = retry_delay_s(job.attempt)
         log.info(
             "file_retry_scheduled",
-            batch_id=job.batch_id, file_id=job.file_id, attempt=attempt,
+            batch_id=job.batch_id, file_id=job.file_id, attempt=job.attempt,
             delay_s=round(delay, 3), error=describe(exc),
         )  # fmt: skip
         await anyio.sleep(delay)
+
+
+async def _next(job: FileJob) -> FileJob:
+    return replace(job, attempt=job.attempt + 1)
 
 
 async def _guarded_async(handler: Handler, job: FileJob) -> Any:

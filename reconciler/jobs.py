@@ -29,10 +29,27 @@ class FileJob:
     attempt: int = 1
 
 
+def payload_text(payload: Any) -> str:
+    """The payload as the JSON text its job carries and Postgres keeps verbatim."""
+    return json.dumps(payload, separators=(",", ":"))
+
+
 def encode(batch_id: str, file_id: str, uri: str, payload: Any) -> dict[str, str]:
     """The stream entry's fields for one file."""
-    body = {"batch_id": batch_id, "file_id": file_id, "uri": uri, "payload": payload}
-    return {JOB_FIELD: json.dumps(body, separators=(",", ":"))}
+    return encode_text(batch_id, file_id, uri, payload_text(payload))
+
+
+def encode_text(batch_id: str, file_id: str, uri: str, payload: str | None) -> dict[str, str]:
+    """The same entry from the payload's stored JSON text, so a rebuilt job is byte-identical.
+
+    The text is spliced in, never parsed: a parse and dump would turn `1e16` into
+    `1e+16`, or a jsonb round trip `1e300` into 301 digits.
+    """
+    ids = (batch_id, file_id, uri)
+    head = ",".join(
+        f'"{key}":{json.dumps(value)}' for key, value in zip(_REQUIRED, ids, strict=True)
+    )
+    return {JOB_FIELD: f'{{{head},"payload":{payload or "null"}}}'}
 
 
 def storable(text: str) -> bool:
@@ -49,6 +66,24 @@ def storable(text: str) -> bool:
 def member(batch_id: str, file_id: str) -> str:
     """The file's entry in the set of files that have a job on the stream."""
     return json.dumps([batch_id, file_id], separators=(",", ":"))
+
+
+def identify(fields: dict[bytes, bytes]) -> tuple[str, str] | None:
+    """The batch and file a malformed job names, if it names them plainly."""
+    try:
+        body = json.loads(fields.get(JOB_FIELD.encode(), b""))
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(body, dict):
+        return None
+    batch_id, file_id = body.get("batch_id"), body.get("file_id")
+    if isinstance(batch_id, str) and isinstance(file_id, str) and _plain(batch_id, file_id):
+        return batch_id, file_id
+    return None
+
+
+def _plain(*ids: str) -> bool:
+    return all(value and storable(value) for value in ids)
 
 
 def decode(fields: dict[bytes, bytes]) -> FileJob:

@@ -11,31 +11,46 @@ RETURNING batch_id;
 SELECT files_digest FROM batches WHERE batch_id = $1;
 
 -- name: insert_files
--- Payloads travel as JSON text: a jsonb[] parameter would read a JSON list as an
--- array dimension.
+-- A batch's files. $1 batch, $2 file ids, $3 uris, $4 payloads as the exact JSON text
+-- embedded in their jobs (the `json` column keeps it verbatim, so a lost job can be
+-- rebuilt byte for byte; a json[] parameter would read a list as an array dimension).
 INSERT INTO batch_files (batch_id, file_id, uri, payload, enqueued_at)
-SELECT $1, f.file_id, f.uri, f.payload::jsonb, now()
+SELECT $1, f.file_id, f.uri, f.payload::json, now()
 FROM unnest($2::text[], $3::text[], $4::text[]) AS f (file_id, uri, payload);
 
 -- name: start_files
--- Claims delivered jobs for this worker. Returns one row per input position:
--- known = the file exists; attempts is NULL when the file is already terminal.
+-- Spends one attempt on each file whose handler is about to start, and takes its lease.
+-- $1 batch ids, $2 file ids, $3 start keys (one per intended start: the same key again,
+-- as when a statement is retried after a lost reply, spends nothing more), $4 worker,
+-- $5 lease seconds, $6 max attempts. A file is started only if it is pending, or
+-- in flight under this worker or an expired lease, with attempts left. Returns one row
+-- per input position: known; its status and attempts before; `started`, the attempt
+-- now running (NULL if not started); `held`, another worker's live lease.
 WITH input AS (
-    SELECT * FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS i (batch_id, file_id, pos)
-), claimed AS (
+    SELECT *
+    FROM unnest($1::text[], $2::text[], $3::text[]) WITH ORDINALITY
+        AS i (batch_id, file_id, start_key, pos)
+), started AS (
     UPDATE batch_files f
-    SET status = 'processing', attempts = f.attempts + 1, worker = $3,
-        lease_expires_at = now() + make_interval(secs => $4::double precision),
+    SET status = 'processing',
+        attempts = f.attempts + (f.start_key IS DISTINCT FROM i.start_key)::integer,
+        start_key = i.start_key, worker = $4,
+        lease_expires_at = now() + make_interval(secs => $5::double precision),
         started_at = coalesce(f.started_at, now())
     FROM input i
     WHERE f.batch_id = i.batch_id AND f.file_id = i.file_id
-      AND f.status IN ('pending', 'processing')
+      AND (f.status = 'pending'
+           OR (f.status = 'processing' AND (f.worker = $4 OR f.lease_expires_at < now())))
+      AND (f.attempts < $6 OR f.start_key = i.start_key)
     RETURNING f.batch_id, f.file_id, f.attempts
 )
-SELECT i.pos, (f.file_id IS NOT NULL) AS known, c.attempts
+SELECT i.pos, (f.file_id IS NOT NULL) AS known, f.status, f.attempts AS attempts_before,
+       s.attempts AS started,
+       coalesce(f.status = 'processing' AND f.worker IS DISTINCT FROM $4
+                AND f.lease_expires_at >= now(), false) AS held
 FROM input i
 LEFT JOIN batch_files f ON f.batch_id = i.batch_id AND f.file_id = i.file_id
-LEFT JOIN claimed c ON c.batch_id = i.batch_id AND c.file_id = i.file_id
+LEFT JOIN started s ON s.batch_id = i.batch_id AND s.file_id = i.file_id
 ORDER BY i.pos;
 
 -- name: record_outcomes
@@ -68,6 +83,7 @@ WHERE b.batch_id = c.batch_id AND b.status = 'processing'
 RETURNING b.batch_id, b.files_succeeded + b.files_failed = b.total_files AS complete;
 
 -- name: renew_leases
+-- Extends the leases of every file this worker ($1) runs by $2 seconds.
 UPDATE batch_files
 SET lease_expires_at = now() + make_interval(secs => $2::double precision)
 WHERE status = 'processing' AND worker = $1;
@@ -197,8 +213,8 @@ ORDER BY deadline_at
 LIMIT $1;
 
 -- name: expired_leases
--- Files whose worker stopped renewing its lease: back to pending, or failed when
--- the attempts are spent. Returns what was done to each.
+-- Files whose worker stopped renewing its lease: back to pending, keeping the attempt
+-- it had started; $1 max attempts (spent ones are left to `exhausted_leases`), $2 limit.
 WITH expired AS (
     SELECT batch_id, file_id, attempts FROM batch_files
     WHERE status = 'processing' AND lease_expires_at < now()
@@ -213,24 +229,46 @@ WHERE f.batch_id = e.batch_id AND f.file_id = e.file_id AND e.attempts < $1
 RETURNING f.batch_id, f.file_id;
 
 -- name: exhausted_leases
+-- Files whose worker died while running their last attempt; $1 max attempts, $2 limit.
 SELECT batch_id, file_id, attempts FROM batch_files
 WHERE status = 'processing' AND lease_expires_at < now() AND attempts >= $1
 ORDER BY lease_expires_at
 LIMIT $2;
 
--- name: unqueued_files
--- Pending files enqueued longer ago than the grace period: candidates whose job
--- may be missing (crash between commit and enqueue, or Redis lost its data).
-SELECT batch_id, file_id, uri, payload FROM batch_files
-WHERE status = 'pending'
-  AND (enqueued_at IS NULL OR enqueued_at < now() - make_interval(secs => $1::double precision))
-ORDER BY enqueued_at NULLS FIRST
-LIMIT $2;
-
--- name: touch_pending
+-- name: claim_unqueued_files
+-- Claims pending files enqueued longer ago than $1 seconds (a crash between commit and
+-- enqueue, or Redis lost the job), at most $2: moving `enqueued_at` is the claim, so
+-- another replica's sweep skips them until the grace passes again. The payload comes
+-- back as the exact text it was submitted as.
+WITH due AS (
+    SELECT batch_id, file_id FROM batch_files
+    WHERE status = 'pending'
+      AND (enqueued_at IS NULL
+           OR enqueued_at < now() - make_interval(secs => $1::double precision))
+    ORDER BY enqueued_at NULLS FIRST
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+)
 UPDATE batch_files f SET enqueued_at = now()
-FROM unnest($1::text[], $2::text[]) AS t (batch_id, file_id)
-WHERE f.batch_id = t.batch_id AND f.file_id = t.file_id AND f.status = 'pending';
+FROM due d
+WHERE f.batch_id = d.batch_id AND f.file_id = d.file_id
+RETURNING f.batch_id, f.file_id, f.uri, f.payload::text AS payload;
+
+-- name: unfinished_files
+-- After Redis lost its data: every unfinished file of an unfinalized batch, in flight
+-- or pending since more than $3 seconds (younger ones are still being enqueued by their
+-- submitter), in key order after ($1, $2), at most $4; payloads as submitted.
+SELECT f.batch_id, f.file_id, f.uri, f.payload::text AS payload
+FROM batches b
+JOIN batch_files f ON f.batch_id = b.batch_id
+WHERE b.status = 'processing'
+  AND (f.status = 'processing'
+       OR (f.status = 'pending'
+           AND (f.enqueued_at IS NULL
+                OR f.enqueued_at < now() - make_interval(secs => $3::double precision))))
+  AND (f.batch_id, f.file_id) > ($1, $2)
+ORDER BY f.batch_id, f.file_id
+LIMIT $4;
 
 -- name: gauges
 SELECT count(*) AS in_progress,
@@ -276,6 +314,10 @@ CREATE TABLE IF NOT EXISTS schema_migrations (
 );
 
 -- name: release_leases
--- On a graceful stop: this worker's unfinished files become reclaimable at once.
-UPDATE batch_files SET lease_expires_at = now()
+-- On a stop: this worker's ($1) unfinished files go back to pending at once. A file
+-- whose start key is in $2 (started, but its handler never ran or was interrupted by
+-- the stop) gets that attempt back: a stop never spends an attempt.
+UPDATE batch_files
+SET status = 'pending', worker = NULL, lease_expires_at = NULL, enqueued_at = now(),
+    attempts = attempts - (start_key = ANY ($2::text[]))::integer, start_key = NULL
 WHERE status = 'processing' AND worker = $1;

@@ -4,7 +4,9 @@ Acknowledged entries are deleted from the stream at once, so the stream holds on
 jobs not yet done. Beside it, the set `{ns}:queued` names every file that has a job
 on the stream, written in the same MULTI as the job and removed with its XACK, so
 the sweeper asks "is this file's job still there?" with one SMISMEMBER and Postgres
-never stores stream ids. Driver exceptions become the service's own here.
+never stores stream ids. The key `{ns}:intact` exists from the first sweep on; when
+it is gone, Redis lost the namespace's data and the sweeper re-enqueues at once.
+Driver exceptions become the service's own here.
 """
 
 from __future__ import annotations
@@ -23,6 +25,45 @@ DEAD_LETTER_MAX_LEN: Final = 100_000
 SOCKET_TIMEOUT_S: Final = 10.0
 CONNECT_TIMEOUT_S: Final = 5.0
 HEALTH_CHECK_INTERVAL_S: Final = 15
+# Server states that pass: out of memory, loading, failing over, a replica read-only.
+_RETRYABLE_REPLIES: Final = (
+    redis_errors.OutOfMemoryError,
+    redis_errors.ReadOnlyError,
+    redis_errors.TryAgainError,
+    redis_errors.MasterDownError,
+)
+
+# Acknowledges an entry and, only if it was still pending, copies it to the dead-letter
+# stream: a retried call after a lost reply writes no second dead letter.
+# KEYS: stream, dead stream, queued set. ARGV: group, id, member or '', maxlen, fields.
+_DEAD_LETTER_LUA: Final = """
+local acked = redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+if acked == 1 then
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', unpack(ARGV, 5))
+end
+redis.call('XDEL', KEYS[1], ARGV[2])
+if ARGV[3] ~= '' then redis.call('SREM', KEYS[3], ARGV[3]) end
+return acked
+"""
+
+# Removes the group's consumers with nothing pending, idle at least ARGV[2] ms (and
+# named ARGV[3], unless it is ''). Checked and removed in one step: a consumer that
+# reads between a check and a removal would otherwise lose its pending entries.
+_PRUNE_LUA: Final = """
+local ok, consumers = pcall(redis.call, 'XINFO', 'CONSUMERS', KEYS[1], ARGV[1])
+if not ok then return {} end
+local removed = {}
+for _, consumer in ipairs(consumers) do
+  local info = {}
+  for i = 1, #consumer, 2 do info[consumer[i]] = consumer[i + 1] end
+  if info['pending'] == 0 and info['idle'] >= tonumber(ARGV[2])
+     and (ARGV[3] == '' or info['name'] == ARGV[3]) then
+    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], info['name'])
+    table.insert(removed, info['name'])
+  end
+end
+return removed
+"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +86,8 @@ async def translated() -> AsyncIterator[None]:
         if "handler is closed" not in str(exc):
             raise
         raise RetryableError(f"redis: connection closed: {exc}") from exc
+    except _RETRYABLE_REPLIES as exc:
+        raise RetryableError(f"redis: {type(exc).__name__}: {exc}") from exc
     except redis_errors.RedisError as exc:
         raise TerminalError(f"redis: {type(exc).__name__}: {exc}") from exc
 
@@ -62,6 +105,9 @@ class JobQueue:
         self.group = f"{namespace}:workers"
         self.dead = f"{namespace}:dead"
         self.queued = f"{namespace}:queued"
+        self.intact = f"{namespace}:intact"
+        self._dead_letter = client.register_script(_DEAD_LETTER_LUA)
+        self._prune = client.register_script(_PRUNE_LUA)
 
     @classmethod
     def connect(cls, url: str, namespace: str) -> JobQueue:
@@ -157,16 +203,26 @@ class JobQueue:
                 pipe.srem(self.queued, *members)
             await pipe.execute()
 
-    async def dead_letter(self, delivery: Delivery, reason: str) -> None:
-        """Moves a job to the dead-letter stream with its reason, then acknowledges it."""
-        fields: dict[Any, Any] = dict(delivery.fields)
+    async def dead_letter(self, delivery: Delivery, reason: str, member: str | None) -> None:
+        """Moves a job to the dead-letter stream with its reason; its file is no longer queued."""
+        fields: dict[bytes, bytes | str] = dict(delivery.fields)
         fields.update({b"reason": reason, b"original_id": delivery.id, b"stream": self.stream})
+        pairs: list[bytes | str | int] = [item for pair in fields.items() for item in pair]
+        keys = [self.stream, self.dead, self.queued]
+        args = [self.group, delivery.id, member or "", DEAD_LETTER_MAX_LEN, *pairs]
+        await self._group_call(self._dead_letter, keys=keys, args=args)
+
+    async def prune_consumers(self, min_idle_ms: int, only: str | None = None) -> list[str]:
+        """Removes consumers idle this long with nothing pending; returns their names."""
+        args: list[str | int] = [self.group, min_idle_ms, only or ""]
         async with translated():
-            pipe = self._redis.pipeline(transaction=True)
-            pipe.xadd(self.dead, fields, maxlen=DEAD_LETTER_MAX_LEN, approximate=True)
-            pipe.xack(self.stream, self.group, delivery.id)
-            pipe.xdel(self.stream, delivery.id)
-            await pipe.execute()
+            removed: list[bytes] = await self._prune(keys=[self.stream], args=args)
+        return [name.decode() for name in removed]
+
+    async def take_recovery(self) -> bool:
+        """True for one caller after Redis lost the namespace (or on first use)."""
+        async with translated():
+            return bool(await self._redis.set(self.intact, "1", nx=True))
 
     async def missing(self, members: Sequence[str]) -> set[str]:
         """Which of these files have no job on the stream (all, if the stream is gone)."""

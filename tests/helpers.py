@@ -84,6 +84,15 @@ async def record(ports: Ports, batch_id: str, file_ids: list[str], ok: bool = Tr
     )  # fmt: skip
 
 
+async def start_as(
+    ports: Ports, settings: Settings, worker: str, batch_id: str, file_id: str
+) -> list[Any]:
+    """Records a file's attempt as started by `worker`, as the consumer does."""
+    args = ([batch_id], [file_id], [f"{worker}/1"], worker)
+    lease = (settings.visibility_timeout_s, settings.max_attempts)
+    return await ports.db.fetch("start_files", *args, *lease)
+
+
 async def age_pending_job(ports: Ports, consumer: str, job_id: str, idle_ms: int) -> None:
     """Sets a pending job's idle time, as if its consumer had been silent that long."""
     queue = ports.queue

@@ -1,9 +1,11 @@
 """The consumer: reads jobs from the stream, runs the handler, records, acknowledges.
 
 Three stages joined by bounded channels: a reader (XREADGROUP, XAUTOCLAIM for jobs a
-stopped consumer left behind, claims in Postgres), `concurrency` workers, and a
-recorder that writes many outcomes per transaction, then XACKs them in one call and
-tells the completion detector which batches moved.
+stopped consumer left behind) that spends an attempt in Postgres only on as many files
+as there are free workers, the moment before they run; `concurrency` workers; and a
+recorder that writes many outcomes per transaction, then acknowledges or dead-letters
+them and tells the completion detector which batches moved. Every retried step is
+idempotent, so a dependency error never costs an attempt.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import os
 import secrets
 import socket
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any, Final, TypeVar
 
@@ -20,7 +22,7 @@ import anyio
 import structlog
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from reconciler import jobs, metrics
+from reconciler import jobs, metrics, reasons
 from reconciler.config import Settings
 from reconciler.database import Database, Row
 from reconciler.errors import MalformedJob, RetryableError, TerminalError
@@ -37,23 +39,36 @@ RETRY_DELAY_S: Final = 0.1
 RETRY_MAX_DELAY_S: Final = 5.0
 RELEASE_TIMEOUT_S: Final = 3.0
 RELEASE_MAX_JOBS: Final = 10_000
-UNSTORABLE_REASON: Final = "the handler's outcome could not be stored"
-EXHAUSTED_REASON: Final = "gave up: attempts spent and the last worker stopped mid-file"
+TERMINAL: Final = frozenset(("succeeded", "failed"))
 
 
 @dataclass(frozen=True, slots=True)
 class Work:
-    delivery_id: str
+    """A file whose attempt is recorded as started: a worker runs it at once."""
+
+    delivery: Delivery
     job: jobs.FileJob
-    exhausted: bool = False
+    member: str
 
 
 @dataclass(frozen=True, slots=True)
-class Outcome:
-    delivery_id: str
-    batch_id: str
-    file_id: str
-    attempted: Attempted
+class DeadLetter:
+    kind: str
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class Settle:
+    """The last word on one delivery: an outcome to write, then an ack or a dead letter."""
+
+    delivery: Delivery
+    ids: tuple[str, str] | None = None
+    attempted: Attempted | None = None
+    dead: DeadLetter | None = None
+
+    @property
+    def member(self) -> str | None:
+        return None if self.ids is None else jobs.member(*self.ids)
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +82,31 @@ class BatchProgress:
 def consumer_name() -> str:
     """One name per process, stable for its life, unique across restarts."""
     return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+class _Slots:
+    """Free workers: the reader starts no more files than can run right now."""
+
+    def __init__(self, count: int) -> None:
+        self.free = count
+        self._changed = anyio.Event()
+
+    def release(self) -> None:
+        self.free += 1
+        self._changed.set()
+
+    def wake(self) -> None:
+        self._changed.set()
+
+    async def take(self, wanted: int, stop: anyio.Event) -> int:
+        while self.free == 0 and not stop.is_set():
+            self._changed = anyio.Event()
+            await self._changed.wait()
+        if stop.is_set():
+            raise _Stopping
+        taken = min(self.free, wanted)
+        self.free -= taken
+        return taken
 
 
 class Consumer:
@@ -91,10 +131,16 @@ class Consumer:
         self._fixed_name = name
         self.consumer = name or consumer_name()
         self._claim_cursor = "0-0"
-        # Stream ids read and not yet acknowledged: the only jobs whose Redis lease
-        # this run renews, so an entry it lost track of goes idle and is reclaimed.
+        # Stream ids read and not yet settled: the only jobs whose Redis lease this run
+        # renews, so an entry it lost track of goes idle and is reclaimed.
         self._in_flight: dict[str, None] = {}
-        # Bigger reads mean fewer round trips to Redis and fewer claim statements.
+        # Files running here, so a second entry for one of them is not run beside it.
+        self._running: dict[str, str] = {}
+        # Start keys whose attempt may be recorded but whose handler did not run (or was
+        # interrupted by the stop): the release gives those attempts back.
+        self._unrun: set[str] = set()
+        self._slots = _Slots(settings.concurrency)
+        # Bigger reads mean fewer round trips to Redis.
         self._read_count = max(settings.concurrency, READ_COUNT_MIN)
         self._scope = anyio.CancelScope()
 
@@ -104,12 +150,16 @@ class Consumer:
         # they expire and are claimed back instead of being kept alive forever.
         self.consumer = self._fixed_name or consumer_name()
         self._in_flight.clear()
+        self._running.clear()
+        self._unrun.clear()
+        self._slots = _Slots(self._settings.concurrency)
         log.info("consumer_started", consumer=self.consumer)
         self._scope = anyio.CancelScope()
         try:
             with self._scope:
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(self._renew_leases)
+                    tg.start_soon(self._wake_on_stop)
                     await self._pipeline()
                     tg.cancel_scope.cancel()
         finally:
@@ -121,23 +171,34 @@ class Consumer:
         """Stops at once, as a crash would: nothing drained, nothing released."""
         self._scope.cancel()
 
+    async def _wake_on_stop(self) -> None:
+        await self._stop.wait()
+        self._slots.wake()
+
     async def _release(self) -> None:
         """Hands unfinished jobs back at once instead of after the visibility timeout."""
+        idle_ms = int(self._settings.visibility_timeout_s * 1000)
+        leases = partial(self._db.execute, "release_leases", self.consumer, sorted(self._unrun))
+        held = partial(self._queue.release, self.consumer, RELEASE_MAX_JOBS, idle_ms)
+        itself = partial(self._queue.prune_consumers, 0, self.consumer)
+        steps: list[tuple[str, Callable[[], Awaitable[Any]]]] = [
+            ("leases_released", leases),
+            ("jobs_released", held),
+            ("consumers_removed", itself),
+        ]
         with anyio.CancelScope(shield=True), anyio.move_on_after(RELEASE_TIMEOUT_S):
-            try:
-                await self._db.execute("release_leases", self.consumer)
-                count = await self._queue.release(
-                    self.consumer, RELEASE_MAX_JOBS, int(self._settings.visibility_timeout_s * 1000)
-                )
-            except RetryableError as exc:
-                log.warning("release_failed", consumer=self.consumer, error=str(exc))
-                return
-            log.info("jobs_released", consumer=self.consumer, count=count)
+            for event, step in steps:
+                try:
+                    log.info(event, consumer=self.consumer, count=_count(await step()))
+                except RetryableError as exc:
+                    log.warning(
+                        "release_failed", consumer=self.consumer, step=event, error=str(exc)
+                    )
 
     async def _pipeline(self) -> None:
         size = self._settings.concurrency
         work_send, work_recv = anyio.create_memory_object_stream[Work](size)
-        out_send, out_recv = anyio.create_memory_object_stream[Outcome](
+        out_send, out_recv = anyio.create_memory_object_stream[Settle](
             self._settings.flush_max_files
         )
         async with anyio.create_task_group() as tg:
@@ -145,22 +206,25 @@ class Consumer:
             async with work_recv, out_send:
                 for _ in range(size):
                     tg.start_soon(self._work, work_recv.clone(), out_send.clone())
-            async with work_send:
-                await self._read(work_send)
+                async with work_send:
+                    await self._read(work_send, out_send)
 
     # -- reader -------------------------------------------------------------------
 
-    async def _read(self, work: MemoryObjectSendStream[Work]) -> None:
+    async def _read(
+        self, work: MemoryObjectSendStream[Work], out: MemoryObjectSendStream[Settle]
+    ) -> None:
         next_claim = 0.0
         try:
             while not self._stop.is_set():
                 found = partial(self._next_deliveries, next_claim)
                 deliveries, next_claim = await self._persist(found, "job_read_failed", True)
                 self._in_flight.update(dict.fromkeys(d.id for d in deliveries))
-                # These are ours in the stream's PEL now: keep trying rather than drop them.
-                claim = partial(self._admit, deliveries)
-                for item in await self._persist(claim, "job_claim_failed", True):
-                    await work.send(item)
+                waiting = await self._decoded(deliveries, out)
+                while waiting:
+                    count = await self._slots.take(len(waiting), self._stop)
+                    group, waiting = waiting[:count], waiting[count:]
+                    await self._start(group, work, out)
         except _Stopping:
             return
 
@@ -187,108 +251,157 @@ class Consumer:
             log.info("jobs_reclaimed", consumer=self.consumer, count=len(found))
         return found
 
-    async def _admit(self, deliveries: list[Delivery]) -> list[Work]:
-        """Parses and claims deliveries; dead-letters the bad ones, acks duplicates."""
+    async def _decoded(
+        self, deliveries: list[Delivery], out: MemoryObjectSendStream[Settle]
+    ) -> list[tuple[Delivery, jobs.FileJob]]:
+        """Parses deliveries; a malformed one fails the file it names and is dead-lettered."""
         parsed: list[tuple[Delivery, jobs.FileJob]] = []
         for delivery in deliveries:
             try:
                 parsed.append((delivery, jobs.decode(delivery.fields)))
             except MalformedJob as exc:
-                await self._dead_letter(delivery, "malformed", str(exc))
-        if not parsed:
+                await out.send(_undecodable(delivery, str(exc)))
+        return parsed
+
+    async def _start(
+        self,
+        group: list[tuple[Delivery, jobs.FileJob]],
+        work: MemoryObjectSendStream[Work],
+        out: MemoryObjectSendStream[Settle],
+    ) -> None:
+        """Spends one attempt on each file of the group in one statement, then runs them."""
+        fresh: list[Work] = []
+        for delivery, job in group:
+            member = jobs.member(job.batch_id, job.file_id)
+            if member in self._running:
+                self._drop(delivery)  # a second entry for a file running here
+                self._slots.release()
+            else:
+                self._running[member] = f"{self.consumer}/{delivery.id}/0"
+                fresh.append(Work(delivery, job, member))
+        for item, row in zip(fresh, await self._claim(fresh), strict=True):
+            if row is not None and row["started"] is not None:
+                job = replace(item.job, attempt=int(row["started"]))
+                await work.send(replace(item, job=job))
+                continue
+            self._unrun.discard(self._running.pop(item.member))
+            self._slots.release()
+            if row is None:
+                await out.send(Settle(item.delivery, dead=DeadLetter("malformed", _UNSTORABLE)))
+            else:
+                await self._not_started(item, row, out)
+
+    async def _claim(self, items: list[Work]) -> list[Row | None]:
+        """Rows of `start_files`; None for a job whose ids Postgres refuses."""
+        if not items:
             return []
         try:
-            return await self._sort(parsed, await self._claim(parsed))
+            return list(await self._start_files(items))
         except TerminalError:
-            return await self._admit_one_by_one(parsed)
+            if len(items) == 1:
+                return [None]
+        # One job Postgres cannot take must not hold back the others read with it.
+        return [row for item in items for row in await self._claim([item])]
 
-    async def _claim(self, parsed: list[tuple[Delivery, jobs.FileJob]]) -> list[Row]:
-        return await self._db.fetch(
+    async def _start_files(self, items: list[Work]) -> list[Row]:
+        keys = [self._running[item.member] for item in items]
+        self._unrun.update(keys)
+        call = partial(
+            self._db.fetch,
             "start_files",
-            [job.batch_id for _, job in parsed],
-            [job.file_id for _, job in parsed],
+            [item.job.batch_id for item in items],
+            [item.job.file_id for item in items],
+            keys,
             self.consumer,
             self._settings.visibility_timeout_s,
+            self._settings.max_attempts,
         )
+        return await self._persist(call, "job_start_failed", True)
 
-    async def _admit_one_by_one(self, parsed: list[tuple[Delivery, jobs.FileJob]]) -> list[Work]:
-        """One job Postgres cannot take must not hold back the others read with it."""
-        admitted: list[Work] = []
-        for pair in parsed:
-            try:
-                admitted += await self._sort([pair], await self._claim([pair]))
-            except TerminalError as exc:
-                await self._dead_letter(pair[0], "malformed", f"cannot be stored: {exc}", pair[1])
-        return admitted
+    async def _not_started(self, item: Work, row: Row, out: MemoryObjectSendStream[Settle]) -> None:
+        job = item.job
+        ids = (job.batch_id, job.file_id)
+        if not row["known"]:
+            await out.send(Settle(item.delivery, dead=DeadLetter("unknown_batch", _UNKNOWN)))
+        elif row["status"] in TERMINAL:
+            await out.send(Settle(item.delivery, ids))  # a duplicate: acknowledge it
+        elif row["held"]:
+            self._drop(item.delivery)  # another worker's live lease: it will settle it
+        else:
+            # Every attempt started and the last one's worker died while running it.
+            lost = Attempted(False, None, reasons.LAST_ATTEMPT_LOST, None, row["attempts_before"])
+            await out.send(Settle(item.delivery, ids, lost))
 
-    async def _sort(
-        self, parsed: list[tuple[Delivery, jobs.FileJob]], rows: list[Row]
-    ) -> list[Work]:
-        admitted: list[Work] = []
-        duplicates: list[tuple[str, str]] = []
-        for (delivery, job), row in zip(parsed, rows, strict=True):
-            if not row["known"]:
-                await self._dead_letter(delivery, "unknown_batch", "no such batch or file", job)
-            elif row["attempts"] is None:
-                duplicates.append((delivery.id, jobs.member(job.batch_id, job.file_id)))
-            else:
-                attempts = int(row["attempts"])
-                exhausted = attempts > self._settings.max_attempts
-                job = jobs.FileJob(job.batch_id, job.file_id, job.uri, job.payload, attempts)
-                admitted.append(Work(delivery.id, job, exhausted))
-        await self._acked([d for d, _ in duplicates], [m for _, m in duplicates])
-        return admitted
-
-    async def _acked(self, ids: list[str], members: list[str]) -> None:
-        await self._queue.ack(ids, members)
-        for job_id in ids:
-            self._in_flight.pop(job_id, None)
-
-    async def _dead_letter(
-        self, delivery: Delivery, reason: str, detail: str, job: jobs.FileJob | None = None
-    ) -> None:
-        await self._queue.dead_letter(delivery, detail)
+    def _drop(self, delivery: Delivery) -> None:
+        """Stops renewing a delivery: it goes idle and is looked at again later."""
         self._in_flight.pop(delivery.id, None)
-        metrics.JOBS_DEAD_LETTERED.labels(reason).inc()
-        ids = {"batch_id": job.batch_id, "file_id": job.file_id} if job else {}
-        log.warning("job_dead_lettered", job_id=delivery.id, reason=reason, detail=detail, **ids)
 
     # -- workers ------------------------------------------------------------------
 
     async def _work(
-        self, work: MemoryObjectReceiveStream[Work], outcomes: MemoryObjectSendStream[Outcome]
+        self, work: MemoryObjectReceiveStream[Work], out: MemoryObjectSendStream[Settle]
     ) -> None:
-        async with work, outcomes:
+        async with work, out:
             async for item in work:
-                if self._stop.is_set():
-                    continue  # draining: not started, so left for another consumer
-                attempted = await self._attempt(item)
-                job = item.job
-                await outcomes.send(Outcome(item.delivery_id, job.batch_id, job.file_id, attempted))
+                try:
+                    await self._run(item, out)
+                finally:
+                    self._running.pop(item.member, None)
+                    self._slots.release()
 
-    async def _attempt(self, item: Work) -> Attempted:
-        if item.exhausted:
-            metrics.FILES_PROCESSED.labels("failed").inc()  # rare: no cached child needed
-            return Attempted(False, None, EXHAUSTED_REASON, 0.0, item.job.attempt)
-        return await self._executor.execute(item.job)
+    async def _run(self, item: Work, out: MemoryObjectSendStream[Settle]) -> None:
+        self._unrun.discard(self._running[item.member])
+        next_attempt = partial(self._next_attempt, item, out)
+        try:
+            attempted = await self._executor.execute(item.job, next_attempt)
+        except anyio.get_cancelled_exc_class():
+            self._unrun.add(self._running[item.member])  # the stop cut it short
+            raise
+        if attempted is not None:
+            job = item.job
+            await out.send(Settle(item.delivery, (job.batch_id, job.file_id), attempted))
+
+    async def _next_attempt(
+        self, item: Work, out: MemoryObjectSendStream[Settle], job: jobs.FileJob
+    ) -> jobs.FileJob | None:
+        """Records the retry as started; None when stopping or the file is no longer ours."""
+        if self._stop.is_set():
+            return None  # released with the attempts it spent
+        key = self._running[item.member] = f"{self.consumer}/{item.delivery.id}/{job.attempt + 1}"
+        try:
+            [row] = await self._start_files([replace(item, job=job)])
+        except _Stopping:
+            return None  # the key stays unrun: the release gives its attempt back
+        except TerminalError:
+            self._unrun.discard(key)
+            return None
+        if row["started"] is not None:
+            self._unrun.discard(key)
+            return replace(job, attempt=int(row["started"]))
+        self._unrun.discard(key)
+        if row["status"] in TERMINAL:
+            await out.send(Settle(item.delivery, (job.batch_id, job.file_id)))
+        else:
+            self._drop(item.delivery)
+        return None
 
     # -- recorder -----------------------------------------------------------------
 
-    async def _record(self, outcomes: MemoryObjectReceiveStream[Outcome]) -> None:
-        async with outcomes:
-            while group := await self._collect(outcomes):
+    async def _record(self, settles: MemoryObjectReceiveStream[Settle]) -> None:
+        async with settles:
+            while group := await self._collect(settles):
                 await self._flush(group)
 
-    async def _collect(self, outcomes: MemoryObjectReceiveStream[Outcome]) -> list[Outcome]:
-        """Waits for one outcome, then gathers more for up to the flush interval."""
+    async def _collect(self, settles: MemoryObjectReceiveStream[Settle]) -> list[Settle]:
+        """Waits for one settle, then gathers more for up to the flush interval."""
         try:
-            group = [await outcomes.receive()]
+            group = [await settles.receive()]
         except anyio.EndOfStream:
             return []
         deadline = anyio.current_time() + self._settings.flush_interval_s
         while len(group) < self._settings.flush_max_files:
             try:
-                group.append(outcomes.receive_nowait())
+                group.append(settles.receive_nowait())
                 continue
             except anyio.WouldBlock:
                 pass
@@ -299,43 +412,67 @@ class Consumer:
                 break
             with anyio.move_on_after(remaining):
                 try:
-                    group.append(await outcomes.receive())
+                    group.append(await settles.receive())
                 except anyio.EndOfStream:
                     break
         return group
 
-    async def _flush(self, group: list[Outcome]) -> None:
-        try:
-            rows = await self._retrying("record_outcomes", *_columns(group))
-        except TerminalError:
-            rows = await self._flush_one_by_one(group)
+    async def _flush(self, group: list[Settle]) -> None:
+        outcomes = [s for s in group if s.attempted is not None and s.ids is not None]
+        rows = await self._write(outcomes) if outcomes else []
         # Committed: the detector may finalize while the acknowledgement is in flight.
         for row in rows:
             await self._progress.send(BatchProgress(row["batch_id"], bool(row["complete"])))
-        await self._ack(
-            [o.delivery_id for o in group], [jobs.member(o.batch_id, o.file_id) for o in group]
+        acks = [s for s in group if s.dead is None]
+        members = [m for s in acks if (m := s.member) is not None]
+        await self._persist(
+            partial(self._acked, [s.delivery.id for s in acks], members), "ack_failed"
         )
+        for settle in group:
+            if settle.dead is not None:
+                await self._persist(partial(self._dead_letter, settle), "dead_letter_failed")
 
-    async def _flush_one_by_one(self, group: list[Outcome]) -> list[Row]:
+    async def _write(self, outcomes: list[Settle]) -> list[Row]:
+        try:
+            return await self._retrying("record_outcomes", *_columns(outcomes))
+        except TerminalError:
+            return await self._write_one_by_one(outcomes)
+
+    async def _write_one_by_one(self, outcomes: list[Settle]) -> list[Row]:
         """An outcome Postgres refuses fails its file with the reason; the rest stand."""
         rows: list[Row] = []
-        for outcome in group:
+        for settle in outcomes:
             try:
-                rows += await self._retrying("record_outcomes", *_columns([outcome]))
+                rows += await self._retrying("record_outcomes", *_columns([settle]))
             except TerminalError as exc:
-                log.warning("outcome_unstorable", batch_id=outcome.batch_id, error=str(exc))
-                failed = Attempted(False, None, f"{UNSTORABLE_REASON}: {exc}"[:2000], 0.0,
-                                   outcome.attempted.attempts)  # fmt: skip
-                stand_in = Outcome(outcome.delivery_id, outcome.batch_id, outcome.file_id, failed)
-                rows += await self._retrying("record_outcomes", *_columns([stand_in]))
+                assert settle.attempted is not None and settle.ids is not None
+                log.warning("outcome_unstorable", batch_id=settle.ids[0], error=str(exc))
+                error = f"{reasons.UNSTORABLE}{exc}"[:2000]
+                failed = Attempted(False, None, error, 0.0, settle.attempted.attempts)
+                rows += await self._retrying(
+                    "record_outcomes", *_columns([replace(settle, attempted=failed)])
+                )
         return rows
 
     async def _retrying(self, query: str, *args: object) -> list[Row]:
         # Outcomes live only in memory until written: retry rather than drop them.
         return await self._persist(partial(self._db.fetch, query, *args), "outcome_write_failed")
 
-    async def _ack(self, ids: list[str], members: list[str]) -> None:
-        await self._persist(partial(self._acked, ids, members), "ack_failed")
+    async def _acked(self, ids: list[str], members: list[str]) -> None:
+        await self._queue.ack(ids, members)
+        for job_id in ids:
+            self._in_flight.pop(job_id, None)
+
+    async def _dead_letter(self, settle: Settle) -> None:
+        assert settle.dead is not None
+        delivery, dead = settle.delivery, settle.dead
+        await self._queue.dead_letter(delivery, dead.detail, settle.member)
+        self._in_flight.pop(delivery.id, None)
+        metrics.JOBS_DEAD_LETTERED.labels(dead.kind).inc()
+        ids = {"batch_id": settle.ids[0], "file_id": settle.ids[1]} if settle.ids else {}
+        log.warning(
+            "job_dead_lettered", job_id=delivery.id, reason=dead.kind, detail=dead.detail, **ids
+        )
 
     async def _persist(
         self, call: Callable[[], Awaitable[T]], event: str, stoppable: bool = False
@@ -355,21 +492,50 @@ class Consumer:
     # -- leases -------------------------------------------------------------------
 
     async def _renew_leases(self) -> None:
-        """Keeps this consumer's leases fresh in Postgres and in the stream's PEL."""
+        """Keeps this consumer's leases fresh in Postgres and in the stream's PEL.
+
+        The two renewals are independent: a Postgres blink must not let the Redis
+        lease lapse, or another consumer would take a job that is still running.
+        """
         while True:
             await anyio.sleep(self._settings.lease_renew_interval_s)
-            try:
-                await self._db.execute(
-                    "renew_leases", self.consumer, self._settings.visibility_timeout_s
-                )
-                await self._queue.renew(self.consumer, list(self._in_flight))
-            except RetryableError as exc:
-                log.warning("lease_renewal_failed", consumer=self.consumer, error=str(exc))
+            vis = self._settings.visibility_timeout_s
+            await self._renew(
+                "postgres", partial(self._db.execute, "renew_leases", self.consumer, vis)
+            )
+            await self._renew(
+                "redis", partial(self._queue.renew, self.consumer, list(self._in_flight))
+            )
+
+    async def _renew(self, where: str, call: Callable[[], Awaitable[Any]]) -> None:
+        try:
+            await call()
+        except RetryableError as exc:
+            log.warning("lease_renewal_failed", consumer=self.consumer, where=where, error=str(exc))
 
 
 class _Stopping(Exception):
     """The service is stopping: a stoppable retry gives up."""
 
 
-def _columns(group: list[Outcome]) -> tuple[list[Any], ...]:
-    return outcome_columns([(o.batch_id, o.file_id, o.attempted) for o in group])
+_UNKNOWN: Final = "no such batch or file"
+_UNSTORABLE: Final = "its ids cannot be stored in Postgres"
+
+
+def _undecodable(delivery: Delivery, detail: str) -> Settle:
+    """A malformed job: the file it names (if any) fails with the reason."""
+    ids = jobs.identify(delivery.fields)
+    failed = Attempted(False, None, f"{reasons.UNDECODABLE}{detail}"[:2000], None, 0)
+    return Settle(delivery, ids, failed if ids else None, DeadLetter("malformed", detail))
+
+
+def _count(result: object) -> int:
+    """How many rows or entries a release step touched."""
+    if isinstance(result, str):  # a command tag: "UPDATE 3"
+        return int(result.rsplit(" ", 1)[-1])
+    return len(result) if isinstance(result, list) else int(str(result))
+
+
+def _columns(group: list[Settle]) -> tuple[list[Any], ...]:
+    rows = [(s.ids[0], s.ids[1], s.attempted) for s in group if s.ids and s.attempted]
+    return outcome_columns(rows)

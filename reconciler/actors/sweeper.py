@@ -1,31 +1,37 @@
 """The sweeper: a periodic, state-driven pass that repairs what events missed.
 
-Each pass reclaims files whose worker stopped renewing its lease, re-enqueues pending
-files whose job is gone, finalizes batches past their deadline, and finalizes batches
-left complete but unfinalized past the grace period. Every query reads a partial index
-over unfinished rows, so a pass costs the same however much history the tables hold.
+Each pass reclaims files whose worker stopped renewing its lease, finalizes batches
+past their deadline and batches left complete but unfinalized past the grace period,
+re-enqueues files whose job is gone, and removes consumers of stopped processes. Each
+repair runs on its own: a Redis outage stops only the Redis ones. Every query reads a
+partial index over unfinished rows, so a pass costs the same however much history the
+tables hold.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
 import anyio
 import structlog
 
-from reconciler import jobs, metrics
+from reconciler import jobs, metrics, reasons
 from reconciler.config import Settings
-from reconciler.database import Database, columns
+from reconciler.database import Database, Row
+from reconciler.errors import RetryableError
 from reconciler.execution import Attempted, outcome_columns
-from reconciler.finalization import Outcome, finalize
+from reconciler.finalization import Outcome, Trigger, finalize
 from reconciler.queue import JobQueue
 
 log = structlog.get_logger("reconciler.sweeper")
 
 SWEEP_BATCH_LIMIT: Final = 1000
-LEASE_LOST_REASON: Final = "worker stopped renewing its lease and the attempts are spent"
+# After Redis lost its data, pending files younger than this are still being enqueued
+# by their submitter (commit, then XADD) and are left to it.
+RECOVERY_GRACE_S: Final = 2.0
 
 
 @dataclass(slots=True)
@@ -33,6 +39,7 @@ class SweepReport:
     """What one pass repaired, by kind."""
 
     repairs: dict[str, int] = field(default_factory=dict)
+    failed: list[str] = field(default_factory=list)
     duration_s: float = 0.0
 
     def add(self, kind: str, count: int) -> None:
@@ -58,11 +65,21 @@ class Sweeper:
         """One full pass; safe to run on every replica at once."""
         report = SweepReport()
         started = time.perf_counter()
-        report.add("lease_reclaimed", await self._reclaim_leases())
-        report.add("lease_exhausted", await self._fail_exhausted())
-        report.add("requeued", await self._requeue_missing())
-        report.add("deadline", await self._finalize_each("deadline_batches", "deadline"))
-        report.add("finalized", await self._finalize_stuck())
+        repairs: list[tuple[str, Callable[[], Awaitable[int]]]] = [
+            ("lease_reclaimed", self._reclaim_leases),
+            ("lease_exhausted", self._fail_exhausted),
+            ("deadline", self._finalize_past_deadline),
+            ("finalized", self._finalize_stuck),
+            ("requeued", self._requeue_missing),
+            ("consumers_removed", self._prune_consumers),
+        ]
+        for kind, repair in repairs:
+            try:
+                report.add(kind, await repair())
+            except RetryableError as exc:
+                # The others still run: Postgres repairs go on while Redis is down.
+                log.warning("sweep_repair_failed", repair=kind, error=str(exc))
+                report.failed.append(kind)
         report.duration_s = time.perf_counter() - started
         metrics.SWEEP_DURATION.observe(report.duration_s)
         log.info("sweep_finished", duration_ms=round(report.duration_s * 1000, 3), **report.repairs)
@@ -86,34 +103,61 @@ class Sweeper:
             (
                 r["batch_id"],
                 r["file_id"],
-                Attempted(False, None, LEASE_LOST_REASON, None, r["attempts"]),
+                Attempted(False, None, reasons.LAST_ATTEMPT_LOST, None, r["attempts"]),
             )
             for r in rows
         ]
         moved = await self._db.fetch("record_outcomes", *outcome_columns(lost))
         for batch in moved:
             if batch["complete"]:
-                await finalize(self._db, batch["batch_id"], "sweep")
+                await finalize(self._db, batch["batch_id"], Trigger.SWEEP)
         return len(rows)
 
     async def _requeue_missing(self) -> int:
+        """Re-enqueues files whose job is gone, each claimed in Postgres by one replica."""
+        if await self._queue.take_recovery():
+            # Redis lost the namespace (or this is its first sweep): every unfinished
+            # file may have lost its job, in flight or not, so look now, not after a
+            # lease and a grace period. The recovery key lets one replica do it.
+            return await self._requeue_unfinished()
         grace = max(self._settings.visibility_timeout_s, self._settings.stuck_grace_s)
-        rows = await self._db.fetch("unqueued_files", grace, SWEEP_BATCH_LIMIT)
+        rows = await self._db.fetch("claim_unqueued_files", grace, SWEEP_BATCH_LIMIT)
+        return await self._enqueue_missing(rows)
+
+    async def _requeue_unfinished(self) -> int:
+        requeued, after = 0, ("", "")
+        limits = (RECOVERY_GRACE_S, SWEEP_BATCH_LIMIT)
+        while rows := await self._db.fetch("unfinished_files", *after, *limits):
+            requeued += await self._enqueue_missing(rows)
+            after = (rows[-1]["batch_id"], rows[-1]["file_id"])
+        if requeued:
+            log.warning("redis_data_lost_requeued", files=requeued)
+        return requeued
+
+    async def _enqueue_missing(self, rows: Sequence[Row]) -> int:
+        """Enqueues the jobs of these files that are not on the stream, as submitted."""
         if not rows:
             return 0
         members = [jobs.member(r["batch_id"], r["file_id"]) for r in rows]
         gone = await self._queue.missing(members)
-        lost = [r for r, m in zip(rows, members, strict=True) if m in gone]
+        lost = [(r, m) for r, m in zip(rows, members, strict=True) if m in gone]
         if lost:
             entries = [
-                jobs.encode(r["batch_id"], r["file_id"], r["uri"], r["payload"]) for r in lost
+                jobs.encode_text(r["batch_id"], r["file_id"], r["uri"], r["payload"])
+                for r, _ in lost
             ]
-            await self._queue.enqueue(entries, [m for m in members if m in gone])
-        # Waiting or requeued, each is looked at again only after another grace period.
-        await self._db.execute("touch_pending", *columns(rows, "batch_id", "file_id"))
-        for row in lost:
+            await self._queue.enqueue(entries, [m for _, m in lost])
+        for row, _ in lost:
             log.info("file_requeued", batch_id=row["batch_id"], file_id=row["file_id"])
         return len(lost)
+
+    async def _prune_consumers(self) -> int:
+        """Removes consumers of stopped processes: idle past the lease, nothing pending."""
+        idle_ms = int(self._settings.visibility_timeout_s * 1000)
+        removed = await self._queue.prune_consumers(idle_ms)
+        if removed:
+            log.info("consumers_removed", consumers=removed)
+        return len(removed)
 
     async def _finalize_stuck(self) -> int:
         rows = await self._db.fetch(
@@ -126,13 +170,13 @@ class Sweeper:
                 files_failed=row["files_failed"], total_files=row["total_files"],
                 seconds_since_last_file=float(row["seconds_since_last_file"]),
             )  # fmt: skip
-        return await self._finalize_all([r["batch_id"] for r in rows], "sweep")
+        return await self._finalize_all([r["batch_id"] for r in rows], Trigger.SWEEP)
 
-    async def _finalize_each(self, query: str, trigger: str) -> int:
-        rows = await self._db.fetch(query, SWEEP_BATCH_LIMIT)
-        return await self._finalize_all([r["batch_id"] for r in rows], trigger)
+    async def _finalize_past_deadline(self) -> int:
+        rows = await self._db.fetch("deadline_batches", SWEEP_BATCH_LIMIT)
+        return await self._finalize_all([r["batch_id"] for r in rows], Trigger.DEADLINE)
 
-    async def _finalize_all(self, batch_ids: list[str], trigger: str) -> int:
+    async def _finalize_all(self, batch_ids: list[str], trigger: Trigger) -> int:
         done = 0
         for batch_id in batch_ids:
             result = await finalize(self._db, batch_id, trigger)

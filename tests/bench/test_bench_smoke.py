@@ -22,8 +22,12 @@ THROUGHPUT_KEYS = {
     "submit_files_per_s", "peak_rss_mb", "checks",
 }  # fmt: skip
 SWEEPER_QUERIES = {
-    "expired_leases", "exhausted_leases", "unqueued_files", "deadline_batches", "stuck_batches",
-}  # fmt: skip
+    "expired_leases",
+    "exhausted_leases",
+    "claim_unqueued_files",
+    "deadline_batches",
+    "stuck_batches",
+}
 
 
 def bench(services: Endpoints, *args: str) -> dict[str, Any]:

@@ -14,7 +14,17 @@ from reconciler.app import Ports, Role
 from reconciler.config import Settings
 from reconciler.finalization import Outcome, finalize
 from reconciler.reasons import TIMED_OUT as TIMED_OUT_REASON
-from tests.helpers import age_pending_job, files, record, running, sql, submit, summary_of, wait_for
+from tests.helpers import (
+    age_pending_job,
+    files,
+    record,
+    running,
+    sql,
+    start_as,
+    submit,
+    summary_of,
+    wait_for,
+)
 
 
 def _sample(name: str, **labels: str) -> float:
@@ -99,9 +109,7 @@ async def test_file_of_dead_worker_is_reclaimed_and_batch_finalizes(
     # A worker named "dead" takes one job and dies: its entry stays pending in Redis
     # and its file stays 'processing' in Postgres.
     taken = await ports.queue.read("dead", 1, 100)
-    await ports.db.fetch(
-        "start_files", [submitted.batch_id], ["f00000"], "dead", settings.visibility_timeout_s
-    )
+    await start_as(ports, settings, "dead", submitted.batch_id, "f00000")
     await sql(
         settings.database_url or "",
         "UPDATE batch_files SET lease_expires_at = now() - interval '1 hour' WHERE worker = 'dead'",
@@ -119,9 +127,7 @@ async def test_file_of_dead_worker_is_reclaimed_and_batch_finalizes(
 async def test_lease_with_attempts_spent_fails_the_file(settings: Settings, ports: Ports) -> None:
     """A dead worker's file whose attempts are spent is failed, and the batch finalizes."""
     submitted = await submit(ports, files(1))
-    await ports.db.fetch(
-        "start_files", [submitted.batch_id], ["f00000"], "dead", settings.visibility_timeout_s
-    )
+    await start_as(ports, settings, "dead", submitted.batch_id, "f00000")
     await sql(
         settings.database_url or "",
         "UPDATE batch_files SET attempts = 3, lease_expires_at = now() - interval '1 s'",

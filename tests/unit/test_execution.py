@@ -6,14 +6,26 @@ from typing import Any
 
 import pytest
 
-from reconciler.execution import Executor, describe, retry_delay_s, to_json
+from reconciler.execution import Attempted, Executor, describe, retry_delay_s, to_json
 from reconciler.jobs import FileJob
 
 JOB = FileJob("b", "f", "/nowhere")
 
 
-def _executor(handler: Any, attempts: int = 3, timeout_s: float = 1.0) -> Executor:
-    return Executor(handler, timeout_s=timeout_s, max_attempts=attempts, threads=2)
+class _Run:
+    """An executor for one handler whose `execute` always reaches a final word."""
+
+    def __init__(self, handler: Any, attempts: int, timeout_s: float) -> None:
+        self._executor = Executor(handler, timeout_s=timeout_s, max_attempts=attempts, threads=2)
+
+    async def execute(self, job: FileJob) -> Attempted:
+        done = await self._executor.execute(job)
+        assert done is not None
+        return done
+
+
+def _executor(handler: Any, attempts: int = 3, timeout_s: float = 1.0) -> _Run:
+    return _Run(handler, attempts, timeout_s)
 
 
 async def test_sync_handler_result_is_json_text() -> None:
@@ -72,6 +84,22 @@ async def test_unserializable_result_fails_the_file() -> None:
     """A result JSON cannot hold is a failure with the reason."""
     done = await _executor(lambda job: {"when": object()}, attempts=1).execute(JOB)
     assert not done.ok and "not JSON-serializable" in (done.error or "")
+
+
+async def test_declined_retry_ends_without_a_word() -> None:
+    """When the next attempt cannot be recorded, the executor stops and says nothing."""
+    seen: list[int] = []
+
+    def broken(job: FileJob) -> None:
+        seen.append(job.attempt)
+        raise OSError("disk")
+
+    async def declined(job: FileJob) -> FileJob | None:
+        return None
+
+    executor = Executor(broken, timeout_s=1.0, max_attempts=3, threads=2)
+    assert await executor.execute(JOB, declined) is None
+    assert seen == [1]
 
 
 def test_to_json_rejects_nul_and_nan() -> None:
