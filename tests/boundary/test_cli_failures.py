@@ -17,7 +17,7 @@ from tests.chaos.harness import free_port, private_redis
 from tests.helpers import sql
 
 pytestmark = pytest.mark.timeout(60)
-RETRY_HINT: Final = re.compile(r"--batch-id[= ]+(\S+)")
+RETRY_HINT: Final = re.compile(r"--batch-id[= ]+([\w.:-]+)")
 
 
 async def test_run_against_unreachable_postgres_says_one_line(env: dict[str, str]) -> None:
