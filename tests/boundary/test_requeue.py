@@ -33,7 +33,7 @@ from tests.boundary.support import (
     work,
 )
 from tests.chaos.harness import PrivateRedis
-from tests.helpers import files, submit, wait_for
+from tests.helpers import files, sql, submit, wait_for
 
 pytestmark = pytest.mark.timeout(90)
 ODD_PAYLOADS: Final[list[Any]] = [[1e300] * 4000, {"x": 1e16}, {"n": 1}]
@@ -155,12 +155,14 @@ async def _requeued_on_next_sweep(settings: Settings, replicas: Replicas, wanted
     await wait_for(back, timeout_s=NEXT_SWEEP_S, what=f"jobs of {sorted(wanted)} requeued")
 
 
+@pytest.mark.parametrize("pending_s", [0, 10], ids=["just-submitted", "pending-10s"])
 async def test_lost_jobs_come_back_on_the_next_sweep(
-    settings: Settings, ports: Ports, replicas: Replicas
+    settings: Settings, ports: Ports, replicas: Replicas, pending_s: int
 ) -> None:
     """Visibility timeout 30 s, no worker: lost jobs are requeued within seconds."""
-    submitted = await submit(ports, files(4), batch_id="waiting")
-    assert submitted.created
+    await submit(ports, files(4), batch_id="waiting")
+    await sql(settings.database_url or "", "UPDATE batch_files"
+              " SET enqueued_at = now() - make_interval(secs => $1)", pending_s)  # fmt: skip
     await _requeued_on_next_sweep(settings, replicas, {f"f{n:05d}" for n in range(4)})
 
 
