@@ -129,7 +129,9 @@ async def test_two_sweepers_requeue_each_lost_job_once(
         await submit(ports, files(LOST_FILES, work(journal, 0.001)), batch_id="lost")
     async with redis_client(own_redis.url) as client:
         await client.flushall()
-        sweepers = [await replicas.up("sweeper"), await replicas.up("sweeper")]
+        # Files become due only when aged below, during the pause.
+        env = with_env(replicas.env, RECONCILER_VISIBILITY_TIMEOUT_S="3600")
+        sweepers = [await replicas.up("sweeper", env), await replicas.up("sweeper", env)]
         # Writes wait out the pause while reads go on: both sweepers look, then write.
         await client.client_pause(PAUSE_MS, all=False)
         await age_pending(settings.database_url or "")
