@@ -44,8 +44,7 @@ async def _batch_ids(database_url: str) -> list[str]:
 async def test_submit_failing_after_commit_names_the_batch_to_retry(
     settings: Settings, env: dict[str, str], replicas: Replicas, tmp_path: Path
 ) -> None:
-    """Wrong Redis password: exit 1 with the batch id to retry; the retry is idempotent
-    and the batch is then processed."""
+    """Wrong Redis password: exit 1 naming the batch to retry; the retry is idempotent."""
     database_url = settings.database_url or ""
     inputs = _inputs(tmp_path / "inputs")
     with private_redis(tmp_path, password="right") as server:

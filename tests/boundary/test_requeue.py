@@ -145,10 +145,15 @@ async def test_two_sweepers_requeue_each_lost_job_once(
     assert len(runs) == LOST_FILES and set(runs.values()) == {1}, f"runs per file: {runs}"
 
 
-async def _requeued_on_next_sweep(settings: Settings, replicas: Replicas, wanted: set[str]) -> None:
-    """Redis loses the namespace; a sweeper must put `wanted` files back within seconds."""
+async def _sweeping(replicas: Replicas) -> None:
+    """A sweeper with a 30 s visibility timeout, running before anything is lost."""
+    sweeper = await replicas.up("sweeper", with_env(replicas.env, **LONG_VISIBILITY))
+    await wait_for(lambda: _sweeps(sweeper), what="a first sweep")
+
+
+async def _requeued_on_next_sweep(settings: Settings, wanted: set[str]) -> None:
+    """Redis loses the namespace; the running sweeper puts `wanted` back within seconds."""
     await drop_namespace(settings.redis_url or "", settings.namespace)
-    await replicas.up("sweeper", with_env(replicas.env, **LONG_VISIBILITY))
 
     async def back() -> bool:
         found = job_file_ids(await stream_jobs(settings.redis_url or "", settings.namespace))
@@ -162,21 +167,22 @@ async def test_lost_jobs_come_back_on_the_next_sweep(
     settings: Settings, ports: Ports, replicas: Replicas, pending_s: int
 ) -> None:
     """Visibility timeout 30 s, no worker: lost jobs are requeued within seconds."""
+    await _sweeping(replicas)
     await submit(ports, files(4), batch_id="waiting")
     await sql(settings.database_url or "", "UPDATE batch_files"
               " SET enqueued_at = now() - make_interval(secs => $1)", pending_s)  # fmt: skip
-    await _requeued_on_next_sweep(settings, replicas, {f"f{n:05d}" for n in range(4)})
+    await _requeued_on_next_sweep(settings, {f"f{n:05d}" for n in range(4)})
 
 
 async def test_lost_jobs_come_back_after_a_worker_was_killed_mid_file(
     settings: Settings, ports: Ports, replicas: Replicas, journal: Path
 ) -> None:
-    """Visibility timeout 30 s, worker SIGKILLed mid-file: unstarted files are requeued
-    within seconds."""
+    """Visibility timeout 30 s, worker SIGKILLed mid-file: unstarted files requeued at once."""
+    await _sweeping(replicas)
     await submit(ports, files(4, work(journal, 30.0)), batch_id="killed")
     env = with_env(replicas.env, RECONCILER_CONCURRENCY="1", **LONG_VISIBILITY)
     worker = replicas.start("worker", env)
     started = {c.file_id for c in await journal_grows(journal, 0)}
     await stop(worker, signal.SIGKILL)
     unstarted = {f"f{n:05d}" for n in range(4)} - started
-    await _requeued_on_next_sweep(settings, replicas, unstarted)
+    await _requeued_on_next_sweep(settings, unstarted)
