@@ -151,6 +151,13 @@ async def _sweeping(replicas: Replicas) -> None:
     await wait_for(lambda: _sweeps(sweeper), what="a first sweep")
 
 
+async def _pending_for(settings: Settings, seconds: int) -> None:
+    """Makes the pending files look enqueued `seconds` ago."""
+    await sql(settings.database_url or "", "UPDATE batch_files"
+              " SET enqueued_at = now() - make_interval(secs => $1) WHERE status = 'pending'",
+              seconds)  # fmt: skip
+
+
 async def _requeued_on_next_sweep(settings: Settings, wanted: set[str]) -> None:
     """Redis loses the namespace; the running sweeper puts `wanted` back within seconds."""
     await drop_namespace(settings.redis_url or "", settings.namespace)
@@ -169,8 +176,7 @@ async def test_lost_jobs_come_back_on_the_next_sweep(
     """Visibility timeout 30 s, no worker: lost jobs are requeued within seconds."""
     await _sweeping(replicas)
     await submit(ports, files(4), batch_id="waiting")
-    await sql(settings.database_url or "", "UPDATE batch_files"
-              " SET enqueued_at = now() - make_interval(secs => $1)", pending_s)  # fmt: skip
+    await _pending_for(settings, pending_s)
     await _requeued_on_next_sweep(settings, {f"f{n:05d}" for n in range(4)})
 
 
@@ -184,5 +190,6 @@ async def test_lost_jobs_come_back_after_a_worker_was_killed_mid_file(
     worker = replicas.start("worker", env)
     started = {c.file_id for c in await journal_grows(journal, 0)}
     await stop(worker, signal.SIGKILL)
+    await _pending_for(settings, 10)  # not just submitted: that case is tested above
     unstarted = {f"f{n:05d}" for n in range(4)} - started
     await _requeued_on_next_sweep(settings, unstarted)
