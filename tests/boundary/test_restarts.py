@@ -66,6 +66,16 @@ async def _age_leases(settings: Settings) -> None:
                                 idle=3_600_000, justid=True)  # fmt: skip
 
 
+async def _attempt_recorded(settings: Settings, attempt: int) -> None:
+    """Waits until Postgres counts the running attempt: the crash lands well inside it."""
+
+    async def counted() -> bool:
+        rows = await sql(settings.database_url or "", "SELECT max(attempts) FROM batch_files")
+        return int(rows[0][0]) >= attempt
+
+    await wait_for(counted, timeout_s=10, what=f"attempt {attempt} counted while it runs")
+
+
 async def test_sigkill_inside_a_retry_keeps_attempts_increasing(
     settings: Settings, ports: Ports, replicas: Replicas, journal: Path
 ) -> None:
@@ -76,6 +86,7 @@ async def test_sigkill_inside_a_retry_keeps_attempts_increasing(
     await submit(ports, files(1, {"journal": str(journal)}), batch_id="retried")
     process = replicas.start()
     await journal_grows(journal, 1)  # attempt 1 failed, attempt 2 is running
+    await _attempt_recorded(settings, 2)
     await stop(process, signal.SIGKILL)
     await _age_leases(settings)
     await replicas.up()
