@@ -18,7 +18,7 @@ import structlog
 
 from reconciler import metrics, migrations
 from reconciler.actors.api import Api
-from reconciler.actors.consumer import BatchProgress, Consumer
+from reconciler.actors.consumer import Consumer
 from reconciler.actors.detector import CompletionDetector
 from reconciler.actors.finalizer import Finalizer, FinalizeRequest
 from reconciler.actors.monitor import Monitor
@@ -29,6 +29,7 @@ from reconciler.errors import ConfigError, TerminalError
 from reconciler.execution import Executor
 from reconciler.handlers import load_handler
 from reconciler.queue import JobQueue
+from reconciler.recording import BatchProgress
 from reconciler.supervisor import Actor, Health, supervise
 
 log = structlog.get_logger("reconciler.app")

@@ -18,40 +18,29 @@ INSERT INTO batch_files (batch_id, file_id, uri, payload, enqueued_at)
 SELECT $1, f.file_id, f.uri, f.payload::json, now()
 FROM unnest($2::text[], $3::text[], $4::text[]) AS f (file_id, uri, payload);
 
--- name: start_files
--- Spends one attempt on each file whose handler is about to start, and takes its lease.
--- $1 batch ids, $2 file ids, $3 start keys (one per intended start: the same key again,
--- as when a statement is retried after a lost reply, spends nothing more), $4 worker,
--- $5 lease seconds, $6 max attempts. A file is started only if it is pending, or
--- in flight under this worker or an expired lease, with attempts left. Returns one row
--- per input position: known; its status and attempts before; `started`, the attempt
--- now running (NULL if not started); `held`, another worker's live lease.
-WITH input AS (
-    SELECT *
-    FROM unnest($1::text[], $2::text[], $3::text[]) WITH ORDINALITY
-        AS i (batch_id, file_id, start_key, pos)
-), started AS (
-    UPDATE batch_files f
-    SET status = 'processing',
-        attempts = f.attempts + (f.start_key IS DISTINCT FROM i.start_key)::integer,
-        start_key = i.start_key, worker = $4,
-        lease_expires_at = now() + make_interval(secs => $5::double precision),
-        started_at = coalesce(f.started_at, now())
-    FROM input i
-    WHERE f.batch_id = i.batch_id AND f.file_id = i.file_id
-      AND (f.status = 'pending'
-           OR (f.status = 'processing' AND (f.worker = $4 OR f.lease_expires_at < now())))
-      AND (f.attempts < $6 OR f.start_key = i.start_key)
-    RETURNING f.batch_id, f.file_id, f.attempts
-)
-SELECT i.pos, (f.file_id IS NOT NULL) AS known, f.status, f.attempts AS attempts_before,
-       s.attempts AS started,
-       coalesce(f.status = 'processing' AND f.worker IS DISTINCT FROM $4
+-- name: peek_files
+-- Where each delivered file stands before its handler may start, read without a write.
+-- $1 batch ids, $2 file ids, $3 this worker. Returns one row per input position:
+-- known; status and attempts started so far; `held`, another worker's live lease.
+SELECT i.pos, (f.file_id IS NOT NULL) AS known, f.status, f.attempts,
+       coalesce(f.status = 'processing' AND f.worker IS DISTINCT FROM $3
                 AND f.lease_expires_at >= now(), false) AS held
-FROM input i
+FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS i (batch_id, file_id, pos)
 LEFT JOIN batch_files f ON f.batch_id = i.batch_id AND f.file_id = i.file_id
-LEFT JOIN started s ON s.batch_id = i.batch_id AND s.file_id = i.file_id
 ORDER BY i.pos;
+
+-- name: record_starts
+-- Records attempts whose handler has started and not finished by the next flush (a fast
+-- file's attempt is written with its outcome instead): in flight under worker $4 with a
+-- lease of $5 seconds. $1 batch ids, $2 file ids, $3 the attempt each started; a
+-- retried statement writes the same values again. Terminal files are left alone.
+UPDATE batch_files f
+SET status = 'processing', attempts = greatest(f.attempts, i.attempt), worker = $4,
+    lease_expires_at = now() + make_interval(secs => $5::double precision),
+    started_at = coalesce(f.started_at, now())
+FROM unnest($1::text[], $2::text[], $3::integer[]) AS i (batch_id, file_id, attempt)
+WHERE f.batch_id = i.batch_id AND f.file_id = i.file_id
+  AND f.status IN ('pending', 'processing');
 
 -- name: record_outcomes
 -- Writes many file outcomes in one statement and moves the per-batch counters.
@@ -255,20 +244,15 @@ WHERE f.batch_id = d.batch_id AND f.file_id = d.file_id
 RETURNING f.batch_id, f.file_id, f.uri, f.payload::text AS payload;
 
 -- name: unfinished_files
--- After Redis lost its data: every unfinished file of an unfinalized batch, in flight
--- or pending since more than $3 seconds (younger ones are still being enqueued by their
--- submitter), in key order after ($1, $2), at most $4; payloads as submitted.
+-- After Redis lost its data: every unfinished file of an unfinalized batch, pending or
+-- in flight, in key order after ($1, $2), at most $3; payloads as submitted.
 SELECT f.batch_id, f.file_id, f.uri, f.payload::text AS payload
 FROM batches b
 JOIN batch_files f ON f.batch_id = b.batch_id
-WHERE b.status = 'processing'
-  AND (f.status = 'processing'
-       OR (f.status = 'pending'
-           AND (f.enqueued_at IS NULL
-                OR f.enqueued_at < now() - make_interval(secs => $3::double precision))))
+WHERE b.status = 'processing' AND f.status IN ('pending', 'processing')
   AND (f.batch_id, f.file_id) > ($1, $2)
 ORDER BY f.batch_id, f.file_id
-LIMIT $4;
+LIMIT $3;
 
 -- name: gauges
 SELECT count(*) AS in_progress,
@@ -314,10 +298,14 @@ CREATE TABLE IF NOT EXISTS schema_migrations (
 );
 
 -- name: release_leases
--- On a stop: this worker's ($1) unfinished files go back to pending at once. A file
--- whose start key is in $2 (started, but its handler never ran or was interrupted by
--- the stop) gets that attempt back: a stop never spends an attempt.
-UPDATE batch_files
+-- On a stop: this worker's ($1) unfinished files go back to pending at once. A file in
+-- ($2 batch ids, $3 file ids) had its handler cut short by the stop during attempt $4:
+-- that attempt is given back, since a stop never spends an attempt.
+UPDATE batch_files f
 SET status = 'pending', worker = NULL, lease_expires_at = NULL, enqueued_at = now(),
-    attempts = attempts - (start_key = ANY ($2::text[]))::integer, start_key = NULL
-WHERE status = 'processing' AND worker = $1;
+    attempts = coalesce(
+        (SELECT least(f.attempts, i.attempt - 1)
+         FROM unnest($2::text[], $3::text[], $4::integer[]) AS i (batch_id, file_id, attempt)
+         WHERE i.batch_id = f.batch_id AND i.file_id = f.file_id),
+        f.attempts)
+WHERE f.status = 'processing' AND f.worker = $1;

@@ -85,12 +85,12 @@ async def record(ports: Ports, batch_id: str, file_ids: list[str], ok: bool = Tr
 
 
 async def start_as(
-    ports: Ports, settings: Settings, worker: str, batch_id: str, file_id: str
-) -> list[Any]:
-    """Records a file's attempt as started by `worker`, as the consumer does."""
-    args = ([batch_id], [file_id], [f"{worker}/1"], worker)
-    lease = (settings.visibility_timeout_s, settings.max_attempts)
-    return await ports.db.fetch("start_files", *args, *lease)
+    ports: Ports, settings: Settings, worker: str, batch_id: str, file_id: str, attempt: int = 1
+) -> str:
+    """Records a file's attempt as started by `worker`, as the consumer's recorder does."""
+    lease_s = settings.visibility_timeout_s
+    args = ([batch_id], [file_id], [attempt], worker, lease_s)
+    return await ports.db.execute("record_starts", *args)
 
 
 async def age_pending_job(ports: Ports, consumer: str, job_id: str, idle_ms: int) -> None:

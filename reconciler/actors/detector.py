@@ -9,8 +9,8 @@ from __future__ import annotations
 import structlog
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from reconciler.actors.consumer import BatchProgress
 from reconciler.actors.finalizer import FinalizeRequest
+from reconciler.recording import BatchProgress
 
 log = structlog.get_logger("reconciler.detector")
 

@@ -29,9 +29,6 @@ from reconciler.queue import JobQueue
 log = structlog.get_logger("reconciler.sweeper")
 
 SWEEP_BATCH_LIMIT: Final = 1000
-# After Redis lost its data, pending files younger than this are still being enqueued
-# by their submitter (commit, then XADD) and are left to it.
-RECOVERY_GRACE_S: Final = 2.0
 
 
 @dataclass(slots=True)
@@ -118,7 +115,9 @@ class Sweeper:
         if await self._queue.take_recovery():
             # Redis lost the namespace (or this is its first sweep): every unfinished
             # file may have lost its job, in flight or not, so look now, not after a
-            # lease and a grace period. The recovery key lets one replica do it.
+            # lease and a grace period. The recovery key lets one replica do it. A file
+            # whose submitter is enqueueing it right now may get a second job: the
+            # consumer acknowledges or holds off duplicates, so it still runs once.
             return await self._requeue_unfinished()
         grace = max(self._settings.visibility_timeout_s, self._settings.stuck_grace_s)
         rows = await self._db.fetch("claim_unqueued_files", grace, SWEEP_BATCH_LIMIT)
@@ -126,8 +125,7 @@ class Sweeper:
 
     async def _requeue_unfinished(self) -> int:
         requeued, after = 0, ("", "")
-        limits = (RECOVERY_GRACE_S, SWEEP_BATCH_LIMIT)
-        while rows := await self._db.fetch("unfinished_files", *after, *limits):
+        while rows := await self._db.fetch("unfinished_files", *after, SWEEP_BATCH_LIMIT):
             requeued += await self._enqueue_missing(rows)
             after = (rows[-1]["batch_id"], rows[-1]["file_id"])
         if requeued:

@@ -18,36 +18,32 @@ async def _attempts(settings: Settings, file_id: str) -> tuple[str, int]:
     return rows[0][0], rows[0][1]
 
 
-async def test_a_start_retried_with_its_key_spends_one_attempt(
-    settings: Settings, ports: Ports
-) -> None:
-    """`start_files` run again with the same key (a lost reply) spends no second attempt."""
+async def test_an_attempt_written_twice_counts_once(settings: Settings, ports: Ports) -> None:
+    """`record_starts` run again (a lost reply) writes the same attempt, not another."""
     submitted = await submit(ports, files(1))
-    first = await start_as(ports, settings, "w1", submitted.batch_id, "f00000")
-    again = await start_as(ports, settings, "w1", submitted.batch_id, "f00000")
-    assert first[0]["started"] == again[0]["started"] == 1
+    for _ in range(2):
+        await start_as(ports, settings, "w1", submitted.batch_id, "f00000", attempt=1)
     assert await _attempts(settings, "f00000") == ("processing", 1)
 
 
 async def test_a_live_lease_holds_off_another_worker(settings: Settings, ports: Ports) -> None:
-    """A second worker does not start a file under a live lease; it learns it is held."""
+    """A second worker's check sees the file held; its own worker's check does not."""
     submitted = await submit(ports, files(1))
     await start_as(ports, settings, "w1", submitted.batch_id, "f00000")
-    [row] = await start_as(ports, settings, "w2", submitted.batch_id, "f00000")
-    assert (row["started"], row["held"]) == (None, True)
-    assert await _attempts(settings, "f00000") == ("processing", 1)
+    for worker, held in (("w2", True), ("w1", False)):
+        args = ([submitted.batch_id], ["f00000"], worker)
+        [row] = await ports.db.fetch("peek_files", *args)
+        assert (row["known"], row["attempts"], row["held"]) == (True, 1, held)
 
 
-async def test_release_gives_back_only_unrun_attempts(settings: Settings, ports: Ports) -> None:
-    """A stop returns every file to pending; only the unrun start loses its attempt."""
+async def test_release_gives_back_only_attempts_cut_short(settings: Settings, ports: Ports) -> None:
+    """A stop returns every file to pending; only an attempt it interrupted is given back."""
     submitted = await submit(ports, files(2))
-    await start_as(ports, settings, "w1", submitted.batch_id, "f00000")
-    await start_as(ports, settings, "w1", submitted.batch_id, "f00001")
-    await ports.db.execute("release_leases", "w1", ["w1/1"])  # both keys are "w1/1"
-    assert await _attempts(settings, "f00000") == ("pending", 0)
-    await start_as(ports, settings, "w2", submitted.batch_id, "f00001")
-    await ports.db.execute("release_leases", "w2", [])
-    assert await _attempts(settings, "f00001") == ("pending", 1)
+    for file_id in ("f00000", "f00001"):
+        await start_as(ports, settings, "w1", submitted.batch_id, file_id, attempt=2)
+    await ports.db.execute("release_leases", "w1", [submitted.batch_id], ["f00000"], [2])
+    assert await _attempts(settings, "f00000") == ("pending", 1)
+    assert await _attempts(settings, "f00001") == ("pending", 2)
 
 
 async def test_a_dead_letter_retried_is_written_once(ports: Ports) -> None:

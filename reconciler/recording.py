@@ -1,0 +1,205 @@
+"""The consumer's last stage: writes outcomes and attempts, then acks or dead-letters.
+
+Workers and the reader send `Started` and `Settle` items; the recorder gathers them for
+up to the flush interval and writes each kind in one statement. An attempt whose file
+is settled within the same flush is written with its outcome alone: a fast file costs
+one row update. Each step is retried on its own and can run twice safely.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
+from functools import partial
+from typing import Final, TypeVar
+
+import anyio
+import structlog
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from reconciler import jobs, metrics, reasons
+from reconciler.config import Settings
+from reconciler.database import Database, Row
+from reconciler.errors import TerminalError
+from reconciler.execution import Attempted, outcome_columns
+from reconciler.queue import Delivery, JobQueue
+from reconciler.retry import persist
+
+log = structlog.get_logger("reconciler.consumer")
+
+T = TypeVar("T")
+MAX_ERROR_CHARS: Final = 2000
+
+
+@dataclass(frozen=True, slots=True)
+class Started:
+    """A handler began this attempt; written at the next flush unless its outcome is."""
+
+    member: str
+    batch_id: str
+    file_id: str
+    attempt: int
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    kind: str
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class Settle:
+    """The last word on one delivery: an outcome to write, then an ack or a dead letter."""
+
+    delivery: Delivery
+    ids: tuple[str, str] | None = None
+    attempted: Attempted | None = None
+    dead: DeadLetter | None = None
+    member: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BatchProgress:
+    """Sent for each batch a flush moved: `complete` when its last file is terminal."""
+
+    batch_id: str
+    complete: bool
+
+
+Item = Settle | Started
+
+
+class Recorder:
+    """Writes what the workers report; `in_flight` loses each delivery it settles."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        db: Database,
+        queue: JobQueue,
+        progress: MemoryObjectSendStream[BatchProgress],
+        consumer: str,
+        in_flight: dict[str, None],
+    ) -> None:
+        self._settings = settings
+        self._db = db
+        self._queue = queue
+        self._progress = progress
+        self._consumer = consumer
+        self._in_flight = in_flight
+
+    async def run(self, items: MemoryObjectReceiveStream[Item]) -> None:
+        async with items:
+            while group := await self._collect(items):
+                await self._flush(group)
+
+    async def _collect(self, items: MemoryObjectReceiveStream[Item]) -> list[Item]:
+        """Waits for one item, then gathers more for up to the flush interval."""
+        try:
+            group = [await items.receive()]
+        except anyio.EndOfStream:
+            return []
+        deadline = anyio.current_time() + self._settings.flush_interval_s
+        while len(group) < self._settings.flush_max_files:
+            try:
+                group.append(items.receive_nowait())
+                continue
+            except anyio.WouldBlock:
+                pass
+            except anyio.EndOfStream:
+                break
+            remaining = deadline - anyio.current_time()
+            if remaining <= 0:
+                break
+            with anyio.move_on_after(remaining):
+                try:
+                    group.append(await items.receive())
+                except anyio.EndOfStream:
+                    break
+        return group
+
+    async def _flush(self, items: list[Item]) -> None:
+        settles = [s for s in items if isinstance(s, Settle)]
+        await self._write_starts(items, {s.member for s in settles})
+        outcomes = [s for s in settles if s.attempted is not None and s.ids is not None]
+        rows = await self._write(outcomes) if outcomes else []
+        # Committed: the detector may finalize while the acknowledgement is in flight.
+        for row in rows:
+            await self._progress.send(BatchProgress(row["batch_id"], bool(row["complete"])))
+        acks = [s for s in settles if s.dead is None]
+        members = [m for s in acks if (m := s.member) is not None]
+        await self._retried(partial(self._acked, [s.delivery.id for s in acks], members), "ack")
+        for settle in settles:
+            if settle.dead is not None:
+                await self._retried(partial(self._dead_letter, settle), "dead_letter")
+
+    async def _write_starts(self, items: list[Item], settled: set[str | None]) -> None:
+        """Attempts still running at this flush: in flight, with a lease, in Postgres."""
+        running = {s.member: s for s in items if isinstance(s, Started)}
+        starts = [s for member, s in running.items() if member not in settled]
+        if not starts:
+            return
+        columns = (
+            [s.batch_id for s in starts],
+            [s.file_id for s in starts],
+            [s.attempt for s in starts],
+        )
+        vis = self._settings.visibility_timeout_s
+        call = partial(self._db.execute, "record_starts", *columns, self._consumer, vis)
+        await self._retried(call, "start_write")
+
+    async def _write(self, outcomes: list[Settle]) -> list[Row]:
+        try:
+            return await self._record(outcomes)
+        except TerminalError:
+            return await self._write_one_by_one(outcomes)
+
+    async def _write_one_by_one(self, outcomes: list[Settle]) -> list[Row]:
+        """An outcome Postgres refuses fails its file with the reason; the rest stand."""
+        rows: list[Row] = []
+        for settle in outcomes:
+            try:
+                rows += await self._record([settle])
+            except TerminalError as exc:
+                log.warning("outcome_unstorable", ids=settle.ids, error=str(exc))
+                rows += await self._record([_unstorable(settle, exc)])
+        return rows
+
+    async def _record(self, outcomes: list[Settle]) -> list[Row]:
+        # Outcomes live only in memory until written: retry rather than drop them.
+        rows = [(s.ids[0], s.ids[1], s.attempted) for s in outcomes if s.ids and s.attempted]
+        call = partial(self._db.fetch, "record_outcomes", *outcome_columns(rows))
+        return await self._retried(call, "outcome_write")
+
+    async def _acked(self, ids: list[str], members: list[str]) -> None:
+        await self._queue.ack(ids, members)
+        for job_id in ids:
+            self._in_flight.pop(job_id, None)
+
+    async def _dead_letter(self, settle: Settle) -> None:
+        assert settle.dead is not None
+        delivery, dead = settle.delivery, settle.dead
+        await self._queue.dead_letter(delivery, dead.detail, settle.member)
+        self._in_flight.pop(delivery.id, None)
+        metrics.JOBS_DEAD_LETTERED.labels(dead.kind).inc()
+        ids = {"batch_id": settle.ids[0], "file_id": settle.ids[1]} if settle.ids else {}
+        log.warning(
+            "job_dead_lettered", job_id=delivery.id, reason=dead.kind, detail=dead.detail, **ids
+        )
+
+    async def _retried(self, call: Callable[[], Awaitable[T]], step: str) -> T:
+        return await persist(call, f"{step}_failed", log, consumer=self._consumer)
+
+
+def _unstorable(settle: Settle, exc: Exception) -> Settle:
+    assert settle.attempted is not None
+    error = f"{reasons.UNSTORABLE}{exc}"[:MAX_ERROR_CHARS]
+    return replace(settle, attempted=Attempted(False, None, error, 0.0, settle.attempted.attempts))
+
+
+def undecodable(delivery: Delivery, detail: str, ids: tuple[str, str] | None) -> Settle:
+    """A malformed job: the file it names (if any) fails with the reason."""
+    error = f"{reasons.UNDECODABLE}{detail}"[:MAX_ERROR_CHARS]
+    failed = Attempted(False, None, error, None, 0) if ids else None
+    member = jobs.member(*ids) if ids else None
+    return Settle(delivery, ids, failed, DeadLetter("malformed", detail), member)
