@@ -70,7 +70,11 @@ Item = Settle | Started
 
 
 class Recorder:
-    """Writes what the workers report; `in_flight` loses each delivery it settles."""
+    """Writes what the workers report.
+
+    `in_flight` loses each delivery it settles; `running` (file -> attempt) loses a file
+    once its outcome is written, so a second entry for it is not run in between.
+    """
 
     def __init__(
         self,
@@ -80,6 +84,7 @@ class Recorder:
         progress: MemoryObjectSendStream[BatchProgress],
         consumer: str,
         in_flight: dict[str, None],
+        running: dict[str, int],
     ) -> None:
         self._settings = settings
         self._db = db
@@ -87,6 +92,7 @@ class Recorder:
         self._progress = progress
         self._consumer = consumer
         self._in_flight = in_flight
+        self._running = running
 
     async def run(self, items: MemoryObjectReceiveStream[Item]) -> None:
         async with items:
@@ -123,6 +129,7 @@ class Recorder:
         await self._write_starts(items, {s.member for s in settles})
         outcomes = [s for s in settles if s.attempted is not None and s.ids is not None]
         rows = await self._write(outcomes) if outcomes else []
+        self._forget(outcomes)
         # Committed: the detector may finalize while the acknowledgement is in flight.
         for row in rows:
             await self._progress.send(BatchProgress(row["batch_id"], bool(row["complete"])))
@@ -132,6 +139,12 @@ class Recorder:
         for settle in settles:
             if settle.dead is not None:
                 await self._retried(partial(self._dead_letter, settle), "dead_letter")
+
+    def _forget(self, outcomes: list[Settle]) -> None:
+        for settle in outcomes:
+            attempted = settle.attempted
+            if attempted and self._running.get(settle.member or "") == attempted.attempts:
+                del self._running[settle.member or ""]
 
     async def _write_starts(self, items: list[Item], settled: set[str | None]) -> None:
         """Attempts still running at this flush: in flight, with a lease, in Postgres."""

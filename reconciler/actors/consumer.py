@@ -45,7 +45,7 @@ T = TypeVar("T")
 READ_BLOCK_MS: Final = 500
 READ_COUNT_MIN: Final = 128
 CLAIM_CHECK_INTERVAL_S: Final = 5.0
-RELEASE_TIMEOUT_S: Final = 3.0
+RELEASE_STEP_TIMEOUT_S: Final = 1.0
 RELEASE_MAX_JOBS: Final = 10_000
 TERMINAL: Final = frozenset(("succeeded", "failed"))
 # A file that waited longer than this for a free worker is checked again before it runs.
@@ -176,22 +176,23 @@ class Consumer:
             ("jobs_released", held),
             ("consumers_removed", itself),
         ]
-        with anyio.CancelScope(shield=True), anyio.move_on_after(RELEASE_TIMEOUT_S):
+        with anyio.CancelScope(shield=True):
             for event, step in steps:
-                try:
-                    log.info(event, consumer=self.consumer, count=_count(await step()))
-                except RetryableError as exc:
-                    log.warning(
-                        "release_failed", consumer=self.consumer, step=event, error=str(exc)
-                    )
+                # Each step retried on its own, for a bounded time: whatever is not
+                # released here, the sweeper repairs after the visibility timeout.
+                with anyio.move_on_after(RELEASE_STEP_TIMEOUT_S) as scope:
+                    done = await persist(step, "release_failed", log, consumer=self.consumer)
+                    log.info(event, consumer=self.consumer, count=_count(done))
+                if scope.cancelled_caught:
+                    log.warning("release_gave_up", consumer=self.consumer, step=event)
 
     async def _pipeline(self) -> None:
         size = self._settings.concurrency
         work_send, work_recv = anyio.create_memory_object_stream[Work](size)
         out_send, out_recv = anyio.create_memory_object_stream[Item](self._settings.flush_max_files)
-        recorder = Recorder(
-            self._settings, self._db, self._queue, self._progress, self.consumer, self._in_flight
-        )
+        ports = (self._db, self._queue)
+        tracked = (self._in_flight, self._running)
+        recorder = Recorder(self._settings, *ports, self._progress, self.consumer, *tracked)
         async with anyio.create_task_group() as tg:
             tg.start_soon(recorder.run, out_recv)
             async with work_recv, out_send:
@@ -328,12 +329,13 @@ class Consumer:
         async with work, out:
             async for item in work:
                 try:
-                    await self._run(item, out)
+                    if not await self._run(item, out):
+                        self._running.pop(item.member, None)  # else once its outcome is written
                 finally:
-                    self._running.pop(item.member, None)
                     self._slots.release()
 
-    async def _run(self, item: Work, out: Out) -> None:
+    async def _run(self, item: Work, out: Out) -> bool:
+        """Runs the file's attempts; True once its outcome is on the way to the recorder."""
         job = item.job
         await self._started(item, job, out)
         try:
@@ -342,9 +344,11 @@ class Consumer:
             attempt = self._running[item.member]
             self._interrupted[item.member] = (job.batch_id, job.file_id, attempt)
             raise
-        if attempted is not None:
-            ids = (job.batch_id, job.file_id)
-            await out.send(Settle(item.delivery, ids, attempted, member=item.member))
+        if attempted is None:
+            return False
+        ids = (job.batch_id, job.file_id)
+        await out.send(Settle(item.delivery, ids, attempted, member=item.member))
+        return True
 
     async def _started(self, item: Work, job: jobs.FileJob, out: Out) -> None:
         self._running[item.member] = job.attempt

@@ -121,25 +121,38 @@ _TIMED_OUT: Final = reasons.TIMED_OUT
 
 
 def _attempts(record: RunRecord) -> Found:
-    crashes = record.generations - 1
+    # Every generation but the last ended in a crash (the last is stopped gracefully).
+    last = record.generations
     for (letter, file_id), runs in sorted(runs_by_file(record.journal).items()):
         name = f"{letter}/{file_id}"
         seen = [r.attempt for r in runs]
-        # A run cut off by its process dying may legitimately be run again.
-        cut_off = sum(1 for r in runs if not r.ended and r.generation < record.generations)
-        if len(runs) > MAX_ATTEMPTS + cut_off:
+        # A crash while the file was in flight (running, between attempts, or done but
+        # not yet written) may cost a run: count the crashed generations it ran in.
+        crashes = len({r.generation for r in runs if r.generation < last})
+        if len(runs) > MAX_ATTEMPTS + crashes:
             yield "I4", "too many handler runs", f"{name}: {len(runs)} runs, attempts {seen}"
-        if any(b <= a for a, b in pairwise(seen)):
+        if not _increasing(runs):
             yield "I4", "attempts not increasing", f"{name}: attempts {seen}"
-        elif _skipped(seen) > crashes:
-            # An attempt is spent only when its handler starts. A crash between recording
-            # the start and running the handler looks like a crash just after it started,
-            # so each crash may cost one attempt that never ran; nothing else may.
+        elif sorted(set(seen)) != list(range(1, max(seen) + 1)):
+            # An attempt is written only once its handler has started: none is skipped.
             yield "I4", "attempt spent without a run", f"{name}: attempts {seen}"
 
 
-def _skipped(seen: list[int]) -> int:
-    return sum(b - a - 1 for a, b in pairwise([0, *seen]))
+def _increasing(runs: list[HandlerRun]) -> bool:
+    """Each attempt number is higher than the last, or repeats it across a crash only.
+
+    An attempt is written after its handler starts (with its outcome, for a file done
+    within one flush); a crash before that write runs the same attempt again.
+    """
+    for before, after in pairwise(runs):
+        repeat_after_crash = (
+            after.attempt == before.attempt and after.generation > before.generation
+        )
+        if after.attempt < before.attempt or (
+            after.attempt == before.attempt and not repeat_after_crash
+        ):
+            return False
+    return True
 
 
 def _nothing_left(record: RunRecord) -> Found:

@@ -317,7 +317,10 @@ class Run:
         """Starts a generation; after each crash, waits as a restart would, then another."""
         while True:
             generation = Generation(len(self.lives) + 1)
-            ports = faulty_ports(self.real, self.plan, generation)
+            # Its own Redis connections, closed when it ends: a dead process's blocked
+            # XREADGROUP goes with its socket, and cannot act for it afterwards.
+            queue = JobQueue.connect(self.lane.redis_url, self.namespace)
+            ports = faulty_ports(Ports(self.real.db, queue), self.plan, generation)
             service = Service(self.settings, ports, Role.ALL)
             life = Life(generation, service)
             self.lives.append(life)
@@ -326,6 +329,8 @@ class Run:
             try:
                 await self._serve(life)
             finally:
+                with anyio.CancelScope(shield=True):
+                    await queue.close()
                 life.finished.set()
             if not generation.dead:
                 return
