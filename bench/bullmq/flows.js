@@ -76,6 +76,24 @@ function cpuS(pid, clockTicks) {
   }
 }
 
+// Busy and total CPU seconds of the host so far, from /proc/stat (guest is in user).
+function hostS(clockTicks) {
+  try {
+    const first = fs.readFileSync('/proc/stat', 'utf8').split('\n', 1)[0];
+    const fields = first.split(/\s+/).slice(1, 9).map(Number);
+    const total = fields.reduce((a, b) => a + b, 0);
+    return { busy: (total - fields[3] - fields[4]) / clockTicks, total: total / clockTicks };
+  } catch {
+    return null;
+  }
+}
+
+function hostBusy(before, after) {
+  if (!before || !after || after.total <= before.total) return { busy_s: null, busy_pct: null };
+  const busy = after.busy - before.busy;
+  return { busy_s: round(busy), busy_pct: round((100 * busy) / (after.total - before.total), 1) };
+}
+
 async function redisPid(admin) {
   const info = await admin.info('server');
   const match = /process_id:(\d+)/.exec(info);
@@ -225,6 +243,7 @@ async function deleteKeys(admin, prefix) {
 
 async function measure(opts, admin, producer, tally) {
   const pid = await redisPid(admin);
+  const host0 = hostS(opts.clockTicks);
   const cpu0 = { node: cpuS(process.pid, opts.clockTicks), redis: cpuS(pid, opts.clockTicks) };
   const began = performance.now();
   const submitted = submitAll(opts, producer).then(() => performance.now() - began);
@@ -232,11 +251,12 @@ async function measure(opts, admin, producer, tally) {
   const outcome = await Promise.race([tally.finished.then(() => 'done'), clock.expired]);
   clock.cancel();
   const cpu1 = { node: cpuS(process.pid, opts.clockTicks), redis: cpuS(pid, opts.clockTicks) };
+  const host = hostBusy(host0, hostS(opts.clockTicks));
   const submitMs = outcome === 'done' ? await submitted : null;
   const wallS = ((tally.endedAt ?? performance.now()) - began) / 1000;
   const spent = (name) =>
     cpu0[name] === null || cpu1[name] === null ? null : cpu1[name] - cpu0[name];
-  return { outcome, submitMs, wallS, cpuS: { node: spent('node'), redis: spent('redis') } };
+  return { outcome, submitMs, wallS, host, cpuS: { node: spent('node'), redis: spent('redis') } };
 }
 
 function figures(opts, tally, seen, deleted) {
@@ -269,7 +289,12 @@ function figures(opts, tally, seen, deleted) {
       max: round(latency.length ? latency[latency.length - 1] : null),
       n: latency.length,
     },
-    cpu_s: { node: round(seen.cpuS.node), redis: round(seen.cpuS.redis) },
+    cpu_s: {
+      node: round(seen.cpuS.node),
+      redis: round(seen.cpuS.redis),
+      host_busy_s: seen.host.busy_s,
+      host_busy_pct: seen.host.busy_pct,
+    },
     cpu_us_per_file: { node: perFile(seen.cpuS.node), redis: perFile(seen.cpuS.redis) },
     peak_rss_mb: round(process.resourceUsage().maxRSS / 1024, 1),
     prefix: opts.prefix,
