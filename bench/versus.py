@@ -99,6 +99,7 @@ def peer_summary(result: dict[str, Any]) -> dict[str, Any]:
         "finalize_latency_ms": result["finalize_latency_ms"],
         "cpu_us_per_file": {**per_file, "total": _total(per_file.values())},
         "host_busy_pct": result["cpu_s"]["host_busy_pct"],
+        "others_s": _others_s(result["cpu_s"]),
         "peak_rss_mb": result["peak_rss_mb"],
         "ok": bool(result["checks"]["ok"]) and result["exit_code"] == 0,
         "checks": result["checks"],
@@ -106,6 +107,15 @@ def peer_summary(result: dict[str, Any]) -> dict[str, Any]:
         "node": result["node"],
         "command": result["command"],
     }
+
+
+def _others_s(spent: dict[str, float | None]) -> float | None:
+    """Busy core-seconds of the host not spent by Node or Redis: the other tenants."""
+    parts = [spent["host_busy_s"], spent["node"], spent["redis"]]
+    if any(part is None for part in parts):
+        return None
+    busy, node, redis = (part or 0.0 for part in parts)
+    return round(busy - node - redis, 3)
 
 
 def _total(parts: Any) -> float | None:
