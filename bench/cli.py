@@ -17,7 +17,7 @@ from typing import Any, Final
 
 import anyio
 
-from bench import baseline, profiling, submission, summary_http, sweep, throughput
+from bench import baseline, peer, profiling, submission, summary_http, sweep, throughput, versus
 from bench.errors import BenchError
 from bench.report import emit, note, ratio
 from bench.scratch import Server, pg_setting
@@ -54,6 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     _submit_args(sub.add_parser("submit", parents=[common], help="time submitting one large batch"))
     _http_args(
         sub.add_parser("summary-http", parents=[common], help="wrk load on the summary endpoint")
+    )
+    _versus_args(
+        sub.add_parser(
+            "versus-bullmq", parents=[common], help="ours and the BullMQ flows peer, alternately"
+        )
     )
     flame = sub.add_parser("flame", help="top functions of a py-spy raw profile")
     flame.add_argument("stacks", type=Path)
@@ -110,6 +115,16 @@ def _http_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=summary_http.THREADS)
     parser.add_argument("--files", type=int, default=summary_http.FILES, help="files in the batch")
     parser.add_argument("--log-dir", type=Path, help="service logs (default: a new temp dir)")
+
+
+def _versus_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--batches", type=int, default=200)
+    parser.add_argument("--files", type=int, default=50, help="files per batch")
+    parser.add_argument("--rounds", type=int, default=2, help="runs of each side, alternating")
+    parser.add_argument("--child-concurrency", type=int, default=peer.CHILD_CONCURRENCY)
+    parser.add_argument("--parent-concurrency", type=int, default=peer.PARENT_CONCURRENCY)
+    parser.add_argument("--timeout-s", type=float, default=600.0, help="per run of either side")
+    parser.add_argument("--log-dir", type=Path, help="our service's logs (default: a temp dir)")
 
 
 def _log_dir(args: argparse.Namespace) -> Path:
@@ -174,6 +189,15 @@ async def _summary_http(args: argparse.Namespace, server: Server) -> dict[str, A
     return await summary_http.run(server, options)
 
 
+async def _versus(args: argparse.Namespace, server: Server) -> dict[str, Any]:
+    options = versus.VersusOptions(
+        batches=args.batches, files=args.files, rounds=args.rounds,
+        child_concurrency=args.child_concurrency, parent_concurrency=args.parent_concurrency,
+        timeout_s=args.timeout_s, log_dir=_log_dir(args),
+    )  # fmt: skip
+    return await versus.run(server, options)
+
+
 async def _flame(args: argparse.Namespace, _: Server) -> dict[str, Any]:
     return {"benchmark": "flame", **profiling.summarize(args.stacks, args.top, args.focus)}
 
@@ -185,6 +209,7 @@ COMMANDS: Final[dict[str, Command]] = {
     "sweep": _sweep,
     "submit": _submit,
     "summary-http": _summary_http,
+    "versus-bullmq": _versus,
     "flame": _flame,
 }
 

@@ -100,7 +100,7 @@ async def scratch(server: Server, label: str = "bench") -> AsyncIterator[Scratch
         yield Scratch(with_database(server.admin_url, name), server.redis_url, f"bench-{suffix}")
     finally:
         await _admin(server.admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await _delete_namespace(server.redis_url, f"bench-{suffix}")
+        await delete_namespace(server.redis_url, f"bench-{suffix}")
 
 
 async def _admin(url: str, statement: str) -> None:
@@ -111,7 +111,8 @@ async def _admin(url: str, statement: str) -> None:
         await conn.close()
 
 
-async def _delete_namespace(url: str, namespace: str) -> None:
+async def delete_namespace(url: str, namespace: str) -> None:
+    """Deletes every key under `namespace:` (also a BullMQ prefix's keys)."""
     client = aioredis.Redis.from_url(url)
     try:
         keys = [key async for key in client.scan_iter(match=f"{namespace}:*")]
