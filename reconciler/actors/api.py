@@ -76,6 +76,11 @@ class Api:
         try:
             await self._server.serve(sockets=[sock])
         finally:
+            # Cancelled, uvicorn never closes its asyncio servers: close them before the
+            # socket, or the loop keeps watching a closed descriptor that the next
+            # socket to get that number (a Redis connection, say) then trips over.
+            for listener in getattr(self._server, "servers", []):
+                listener.close()
             sock.close()
             self._stopped.set()
 

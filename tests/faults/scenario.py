@@ -494,7 +494,12 @@ async def execute(lane: Lane, spec: RunSpec, plan: FaultPlan) -> RunRecord:
         await lane.reset(run.namespace)
 
 
+# A stream entry no worker can take: the consumer must dead-letter it exactly once.
+GARBAGE_JOB: Final = {"job": "{not json"}
+
+
 async def _drive(run: Run, context: RunContext, started: float) -> RunRecord:
+    await run.lane.redis.xadd(run.real.queue.stream, GARBAGE_JOB)  # type: ignore[arg-type]
     async with anyio.create_task_group() as tg:
         tg.start_soon(run.serve_generations)
         run.stage = "submitting"

@@ -47,6 +47,7 @@ ACTOR_METHODS: Final = frozenset(
         "JobQueue.release",
         "JobQueue.prune_consumers",
         "JobQueue.take_recovery",
+        "JobQueue.dead_letter",
     }
 )
 # Called by the actors only after something already went wrong: faulted in the long form.
@@ -61,7 +62,6 @@ OFF_PATH_METHODS: Final = {
     "Session.execute_script": "only migrations run DDL scripts",
     "JobQueue.ping": "only the readiness probe pings Redis; the scenario sends no requests",
     "JobQueue.dead_letters": "only the API and the console list dead letters",
-    "JobQueue.dead_letter": "only malformed or unknown jobs are dead-lettered; none are sent",
 }
 
 
