@@ -128,6 +128,11 @@ def _claimed(row: Row) -> Claimed:
     return Claimed(row["delivery_id"], Sink(row["sink"]), number, event, replica, **webhook)
 
 
+async def release(db: Database, claimed: Claimed) -> None:
+    """Gives the lease back after a stop cut the attempt short."""
+    await db.execute("release_delivery", claimed.delivery_id, claimed.attempt)
+
+
 async def settle(db: Database, claimed: Claimed, attempt: Attempt, schedule: Schedule) -> Outcome:
     """Records the attempt and moves the delivery on; one transaction."""
     async with db.transaction() as tx:

@@ -459,3 +459,8 @@ JOIN deliveries d ON d.event_id = e.event_id
 LEFT JOIN hook_registrations h ON d.sink = 'hook'
 WHERE e.batch_id = $1
 ORDER BY d.delivery_id;
+
+-- name: release_delivery
+-- A stop cut attempt $2 of delivery $1 short: due again at once, for any replica.
+UPDATE deliveries SET next_attempt_at = now(), claimed_by = NULL
+WHERE delivery_id = $1 AND attempts = $2 AND state = 'pending';

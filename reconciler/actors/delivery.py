@@ -32,6 +32,7 @@ DELIVERY_CONCURRENCY: Final = 16
 # A lease outlives the attempt it covers: only a dead replica's lease runs out.
 LEASE_MIN_S: Final = 30.0
 LEASE_TIMEOUTS: Final = 3
+RELEASE_TIMEOUT_S: Final = 2.0
 
 
 def lease_s(settings: Settings) -> float:
@@ -89,9 +90,20 @@ class Deliverer:
             attempt = await self._make(claimed, sender)
             settle = partial(delivery.settle, self._db, claimed, attempt, self._schedule)
             await persist(settle, "delivery_settle_failed", log, event_id=claimed.event.event_id)
+        except anyio.get_cancelled_exc_class():
+            await self._release(claimed)
+            raise
         finally:
             self._busy -= 1
             self._slot_freed.set()
+
+    async def _release(self, claimed: Claimed) -> None:
+        """On a stop, lets another replica retry now rather than when the lease runs out."""
+        with anyio.CancelScope(shield=True), anyio.move_on_after(RELEASE_TIMEOUT_S):
+            try:
+                await delivery.release(self._db, claimed)
+            except RetryableError as exc:
+                log.warning("delivery_release_failed", error=str(exc))
 
     async def _make(self, claimed: Claimed, sender: WebhookSender) -> Attempt:
         if claimed.sink is Sink.WEBHOOK:

@@ -139,3 +139,22 @@ async def test_two_replicas_never_deliver_an_event_twice(settings: Settings, por
     assert {r.payload["data"]["batch_id"] for r in receiver.received} == {
         b.batch_id for b in batches
     }
+
+
+async def test_a_stop_mid_attempt_gives_the_lease_back(settings: Settings, ports: Ports) -> None:
+    """Stopping while a receiver holds the request makes the delivery due again at once."""
+    with receiving(lambda _: Answer(hold=True)) as receiver:
+        await subscribe(ports, receiver.url, receiver.secret)
+        async with running(fast(settings, delivery_timeout_s=30), ports, Role.WORKER):
+            batch = await submit(ports, [])
+            await wait_for(lambda: _any(receiver.ids()), what="the attempt under way")
+    rows = await sql(
+        settings.database_url or "",
+        "SELECT next_attempt_at <= now(), claimed_by, attempts, state FROM deliveries",
+    )
+    assert [tuple(r) for r in rows] == [(True, None, 1, "pending")]
+    assert await attempts_of(ports, batch.batch_id) == [], "no outcome for a cut attempt"
+
+
+async def _any(ids: list[str]) -> bool:
+    return bool(ids)
