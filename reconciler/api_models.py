@@ -175,3 +175,67 @@ class Page(BaseModel):
 class HealthBody(BaseModel):
     status: Literal["ok", "failing"]
     actors: dict[str, bool]
+
+
+class WebhookIn(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    url: str = Field(min_length=1, max_length=2048, pattern=NO_NUL)
+    events: list[Literal["batch.finalized"]] | None = Field(default=None, min_length=1)
+    secret: str | None = Field(
+        default=None, max_length=256, description="`whsec_` and base64; generated when absent."
+    )
+
+
+class Webhook(BaseModel):
+    webhook_id: str
+    url: str
+    events: list[str]
+    created_at: dt.datetime
+    enabled: bool = Field(description="False once the receiver answered 410 Gone.")
+    disabled_at: dt.datetime | None
+    paused_until: dt.datetime | None = Field(description="Held after a 429 or Retry-After.")
+
+
+class WebhookCreated(BaseModel):
+    webhook_id: str
+    url: str
+    events: list[str]
+    created_at: dt.datetime
+    secret: str = Field(description="The signing secret: shown here only, never again.")
+
+
+class WebhookList(BaseModel):
+    items: list[Webhook]
+
+
+class DeliveryAttempt(BaseModel):
+    event_id: str
+    sink: Literal["webhook", "hook"]
+    webhook_id: str | None
+    hook: str | None = Field(description="RECONCILER_ON_FINALIZED, for the hook's attempts.")
+    attempt: int
+    outcome: Literal["delivered", "failed", "dead"]
+    delivered: bool
+    status_code: int | None
+    error: str | None
+    latency_s: float
+    replica: str
+    at: dt.datetime
+
+
+class DeliveryState(BaseModel):
+    event_id: str
+    sink: Literal["webhook", "hook"]
+    webhook_id: str | None
+    hook: str | None
+    state: Literal["pending", "delivered", "dead", "cancelled"]
+    attempts: int
+    delivered_at: dt.datetime | None
+    next_attempt_at: dt.datetime | None
+
+
+class Deliveries(BaseModel):
+    batch_id: str
+    attempts: list[DeliveryAttempt]
+    deliveries: list[DeliveryState]

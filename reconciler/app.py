@@ -19,6 +19,7 @@ import structlog
 from reconciler import metrics, migrations
 from reconciler.actors.api import Api
 from reconciler.actors.consumer import Consumer
+from reconciler.actors.delivery import Deliverer
 from reconciler.actors.detector import CompletionDetector
 from reconciler.actors.finalizer import Finalizer, FinalizeRequest
 from reconciler.actors.monitor import Monitor
@@ -93,6 +94,9 @@ class Service:
             self._add_worker()
         if Role.SWEEPER in wants:
             self.actors.append(Sweeper(self.settings, self.ports.db, self.ports.queue))
+        if wants & {Role.WORKER, Role.SWEEPER}:
+            # Completion callbacks go out from every role that does background work.
+            self.actors.append(Deliverer(self.settings, self.ports.db))
         self.api = Api(
             self.settings, self.ports.db, self.ports.queue, self.health, self.stop,
             batches_api=Role.API in wants,

@@ -12,17 +12,31 @@ import sys
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import anyio
 import structlog
 
-from reconciler import batches, demo, logs, migrations
-from reconciler.app import Role, open_ports, run_service
+from reconciler import batches, delivery, demo, logs, migrations, webhooks
+from reconciler.app import Ports, Role, open_ports, run_service
 from reconciler.client import Client, files_from_paths
 from reconciler.config import Settings, redact_url
-from reconciler.errors import ConfigError, ReconcilerError, SubmitFailed, UsageError
-from reconciler.views import print_explain, print_progress, print_stuck, print_summary
+from reconciler.errors import (
+    ConfigError,
+    InvalidWebhook,
+    ReconcilerError,
+    SubmitFailed,
+    UsageError,
+)
+from reconciler.views import (
+    print_created_webhook,
+    print_deliveries,
+    print_explain,
+    print_progress,
+    print_stuck,
+    print_summary,
+    print_webhooks,
+)
 
 log = structlog.get_logger("reconciler.cli")
 
@@ -54,8 +68,24 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument("--json", action="store_true")
     stuck = sub.add_parser("stuck", help="list batches complete but not finalized")
     stuck.add_argument("--json", action="store_true")
+    _add_webhook_commands(sub)
+    deliveries = sub.add_parser("deliveries", help="every delivery attempt of a batch's events")
+    deliveries.add_argument("batch_id")
+    deliveries.add_argument("--json", action="store_true")
     demo.add_arguments(sub.add_parser("demo", help="zero-setup end-to-end run"))
     return parser
+
+
+def _add_webhook_commands(sub: Any) -> None:
+    hooks = sub.add_parser("webhooks", help="webhook subscriptions: add, list, remove")
+    actions = hooks.add_subparsers(dest="action", required=True, metavar="ACTION")
+    add = actions.add_parser("add", help="subscribe a URL; prints its secret, once")
+    add.add_argument("url")
+    add.add_argument("--event", action="append", dest="events", metavar="E")
+    add.add_argument("--secret", help="whsec_... (generated when absent)")
+    listing = actions.add_parser("list", help="every subscription (never a secret)")
+    listing.add_argument("--json", action="store_true")
+    actions.add_parser("remove", help="delete a subscription").add_argument("webhook_id")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -113,6 +143,8 @@ async def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         "status": _status,
         "explain": _explain,
         "stuck": _stuck,
+        "webhooks": _webhooks,
+        "deliveries": _deliveries,
         "demo": demo.run_demo,
     }
     return await commands[args.command](args, settings)
@@ -189,4 +221,38 @@ async def _stuck(args: argparse.Namespace, settings: Settings) -> int:
     async with open_ports(settings) as ports:
         rows = await batches.stuck(ports.db, settings.stuck_grace_s)
     print_stuck(rows, as_json=args.json)
+    return EXIT_OK
+
+
+async def _webhooks(args: argparse.Namespace, settings: Settings) -> int:
+    async with open_ports(settings) as ports:
+        if args.action == "add":
+            print_created_webhook(await _add_webhook(ports, args, settings))
+        elif args.action == "list":
+            print_webhooks(await webhooks.listed(ports.db), as_json=args.json)
+        else:
+            await webhooks.remove(ports.db, args.webhook_id)
+            print(f"webhook {args.webhook_id} removed")
+    return EXIT_OK
+
+
+async def _add_webhook(
+    ports: Ports, args: argparse.Namespace, settings: Settings
+) -> dict[str, Any]:
+    try:
+        return await webhooks.create(
+            ports.db,
+            args.url,
+            events=args.events,
+            secret=args.secret,
+            allowed_hosts=settings.webhook_allowed_hosts,
+        )
+    except InvalidWebhook as exc:
+        raise UsageError(f"invalid webhook: {exc}") from None
+
+
+async def _deliveries(args: argparse.Namespace, settings: Settings) -> int:
+    async with open_ports(settings) as ports:
+        found = await delivery.of_batch(ports.db, args.batch_id)
+    print_deliveries(found, as_json=args.json)
     return EXIT_OK

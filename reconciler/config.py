@@ -7,6 +7,7 @@ Only the CLI reads the environment (`Settings.from_env`); everything else takes 
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -31,8 +32,13 @@ LOG_FORMAT: Final = "json"
 FLUSH_INTERVAL_S: Final = 0.005
 FLUSH_MAX_FILES: Final = 512
 STATS_INTERVAL_S: Final = 5.0
+DELIVERY_BACKOFF_S: Final = 5.0
+DELIVERY_MAX_AGE_S: Final = 259_200.0  # 3 days, as Stripe and Standard Webhooks
+DELIVERY_TIMEOUT_S: Final = 10.0
+DELIVERY_POLL_INTERVAL_S: Final = 1.0
 
 _NAMESPACE_RE: Final = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+_HOST_RE: Final = re.compile(r"^(?=.{1,253}$)[a-z0-9_]([a-z0-9_-]{0,62})(\.[a-z0-9_-]{1,63})*$")
 T = TypeVar("T")
 
 
@@ -58,6 +64,12 @@ class Settings:
     flush_interval_s: float = FLUSH_INTERVAL_S
     flush_max_files: int = FLUSH_MAX_FILES
     stats_interval_s: float = STATS_INTERVAL_S
+    on_finalized: str | None = None
+    webhook_allowed_hosts: tuple[str, ...] | None = None
+    delivery_backoff_s: float = DELIVERY_BACKOFF_S
+    delivery_max_age_s: float = DELIVERY_MAX_AGE_S
+    delivery_timeout_s: float = DELIVERY_TIMEOUT_S
+    delivery_poll_interval_s: float = DELIVERY_POLL_INTERVAL_S
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str], **overrides: Any) -> Settings:
@@ -140,6 +152,23 @@ def _parse_with(
     return parse
 
 
+def _host_list(name: str, raw: str) -> tuple[str, ...]:
+    """Comma-separated host names or CIDRs; each checked now so a typo fails at start."""
+    hosts = tuple(part.strip().lower() for part in raw.split(",") if part.strip())
+    bad = [h for h in hosts if not _is_host_or_network(h)]
+    if not hosts or bad:
+        raise ConfigError(f"{name}: expected host names or CIDRs separated by commas, got {raw!r}")
+    return hosts
+
+
+def _is_host_or_network(text: str) -> bool:
+    try:
+        ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        return _HOST_RE.match(text) is not None
+    return True
+
+
 def _choice(*allowed: str) -> Callable[[str, str], str]:
     return _parse_with(" or ".join(allowed), str, lambda v: v in allowed)
 
@@ -169,4 +198,10 @@ _PARSERS: Final[dict[str, Callable[[str, str], Any]]] = {
     "flush_interval_s": _non_negative_float,
     "flush_max_files": _positive_int,
     "stats_interval_s": _positive_float,
+    "on_finalized": _text,
+    "webhook_allowed_hosts": _host_list,
+    "delivery_backoff_s": _positive_float,
+    "delivery_max_age_s": _positive_float,
+    "delivery_timeout_s": _positive_float,
+    "delivery_poll_interval_s": _positive_float,
 }

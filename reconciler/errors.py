@@ -57,3 +57,11 @@ class InvalidData(TerminalError):
 
 class SubmitFailed(ReconcilerError):
     """A submission failed part-way; the message names the batch id to retry with."""
+
+
+class InvalidWebhook(TerminalError):
+    """A webhook subscription that cannot be made: bad URL, host not allowed, bad secret."""
+
+
+class WebhookNotFound(TerminalError):
+    """No webhook subscription with this id."""

@@ -98,23 +98,23 @@ def guess_media_type(path: Path, head: bytes) -> str:
     return "text/plain"
 
 
-def load_handler(spec: str) -> Handler:
+def load_handler(spec: str, variable: str = "RECONCILER_HANDLER") -> Handler:
     """Imports `module:function`; fails with a message naming the variable."""
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
-        raise HandlerNotFound(f"RECONCILER_HANDLER: expected 'module:function', got {spec!r}")
+        raise HandlerNotFound(f"{variable}: expected 'module:function', got {spec!r}")
     try:
         target: Any = importlib.import_module(module_name)
         for part in attr.split("."):
             target = getattr(target, part)
     except (ImportError, AttributeError) as exc:
-        raise HandlerNotFound(f"RECONCILER_HANDLER: cannot load {spec!r}: {exc}") from None
+        raise HandlerNotFound(f"{variable}: cannot load {spec!r}: {exc}") from None
     if not callable(target):
-        raise HandlerNotFound(f"RECONCILER_HANDLER: {spec!r} is not callable")
+        raise HandlerNotFound(f"{variable}: {spec!r} is not callable")
     return target  # type: ignore[no-any-return]
 
 
-def is_async(handler: Handler) -> bool:
+def is_async(handler: Callable[..., Any]) -> bool:
     """Coroutine functions run on the loop; everything else in a worker thread."""
     return inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(
         getattr(handler, "__call__", None)  # noqa: B004 - callable objects with async __call__

@@ -12,7 +12,9 @@ from prometheus_client import Counter, Gauge, Histogram
 
 TRIGGERS: Final = ("event", "sweep", "demand", "deadline")
 DEAD_LETTER_REASONS: Final = ("malformed", "unknown_batch")
-ACTORS: Final = ("consumer", "detector", "finalizer", "sweeper", "monitor", "api")
+ACTORS: Final = ("consumer", "detector", "finalizer", "sweeper", "monitor", "delivery", "api")
+SINKS: Final = ("webhook", "hook")
+DELIVERY_OUTCOMES: Final = ("delivered", "failed", "dead")
 _LATENCY_BUCKETS_S: Final = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300,
 )  # fmt: skip
@@ -68,6 +70,22 @@ ACTOR_RESTARTS: Final = Counter(
     "reconciler_actor_restarts", "Actors restarted after a crash.", ["actor"]
 )
 
+DELIVERIES: Final = Counter(
+    "reconciler_deliveries",
+    "Delivery attempts by sink and outcome: delivered, failed (due again) or dead (given up).",
+    ["sink", "outcome"],
+)
+DELIVERY_LATENCY: Final = Histogram(
+    "reconciler_delivery_latency_seconds",
+    "From a batch's finalization to its event acknowledged by a sink.",
+    ["sink"],
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 21600, 86400, 259200),
+)
+OLDEST_UNDELIVERED_AGE: Final = Gauge(
+    "reconciler_oldest_undelivered_event_age_seconds",
+    "Age of the oldest event not yet delivered to one of its sinks, 0 when none.",
+)
+
 
 def preinitialize() -> None:
     """Exports every label combination at zero so dashboards and rates start at once."""
@@ -85,3 +103,7 @@ def preinitialize() -> None:
         JOBS_DEAD_LETTERED.labels(reason)
     for actor in ACTORS:
         ACTOR_RESTARTS.labels(actor)
+    for sink in SINKS:
+        DELIVERY_LATENCY.labels(sink)
+        for outcome in DELIVERY_OUTCOMES:
+            DELIVERIES.labels(sink, outcome)

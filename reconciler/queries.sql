@@ -102,8 +102,11 @@ WHERE batch_id = $1
 RETURNING files_failed, last_file_completed_at;
 
 -- name: finalize_batch
--- Marks the batch finalized and writes its run summary in one statement: counts,
--- timings, errors grouped by message, and the handlers' numeric results summed.
+-- Marks the batch finalized and writes, in one statement, its run summary (counts,
+-- timings, errors grouped by message, the handlers' numeric results summed) and its
+-- `batch.finalized` event with the summary as data, fanned out to one delivery row per
+-- enabled webhook subscribed to it and to the registered Python hook: no event without
+-- its finalization, no finalization without its event.
 -- $1 batch, $2 status, $3 trigger, $4 how many error groups to keep.
 WITH marked AS (
     UPDATE batches
@@ -138,19 +141,36 @@ WITH marked AS (
           AND jsonb_typeof(f.result) = 'object' AND jsonb_typeof(r.value) = 'number'
         GROUP BY r.key
     ) t
+), summary AS (
+    INSERT INTO run_summaries (
+        batch_id, run_id, status, finalized_by, total_files, files_succeeded, files_failed,
+        created_at, first_file_started_at, last_file_completed_at, completed_at,
+        processing_seconds, errors, totals, metadata)
+    SELECT m.batch_id, m.run_id, m.status, m.finalized_by, m.total_files, m.files_succeeded,
+           m.files_failed, m.created_at, t.first_file_started_at, m.last_file_completed_at,
+           m.completed_at, t.processing_seconds, e.errors, tt.totals, m.metadata
+    FROM marked m, timings t, errors e, totals tt
+    ON CONFLICT (batch_id) DO NOTHING
+    RETURNING *
+), event AS (
+    INSERT INTO events (event_id, batch_id, type, data, created_at)
+    SELECT 'evt_' || replace(gen_random_uuid()::text, '-', ''), s.batch_id, 'batch.finalized',
+           to_jsonb(s), s.completed_at
+    FROM summary s
+    RETURNING event_id, created_at
+), fanout AS (
+    INSERT INTO deliveries (event_id, sink, webhook_id, next_attempt_at, finalized_at)
+    SELECT e.event_id, 'webhook', w.webhook_id, e.created_at, e.created_at
+    FROM event e
+    JOIN webhooks w ON w.disabled_at IS NULL AND 'batch.finalized' = ANY (w.events)
+    UNION ALL
+    SELECT e.event_id, 'hook', NULL, e.created_at, e.created_at
+    FROM event e, hook_registrations h
 )
-INSERT INTO run_summaries (
-    batch_id, run_id, status, finalized_by, total_files, files_succeeded, files_failed,
-    created_at, first_file_started_at, last_file_completed_at, completed_at,
-    processing_seconds, errors, totals, metadata)
-SELECT m.batch_id, m.run_id, m.status, m.finalized_by, m.total_files, m.files_succeeded,
-       m.files_failed, m.created_at, t.first_file_started_at, m.last_file_completed_at,
-       m.completed_at, t.processing_seconds, e.errors, tt.totals, m.metadata
-FROM marked m, timings t, errors e, totals tt
-ON CONFLICT (batch_id) DO NOTHING
-RETURNING completed_at,
-          extract(epoch FROM completed_at - coalesce(last_file_completed_at, created_at))
-              AS latency_s;
+SELECT completed_at,
+       extract(epoch FROM completed_at - coalesce(last_file_completed_at, created_at))
+           AS latency_s
+FROM summary;
 
 -- name: get_summary
 SELECT batch_id, run_id, status, finalized_by, total_files, files_succeeded, files_failed,
@@ -309,3 +329,138 @@ SET status = 'pending', worker = NULL, lease_expires_at = NULL, enqueued_at = no
          WHERE i.batch_id = f.batch_id AND i.file_id = f.file_id),
         f.attempts)
 WHERE f.status = 'processing' AND f.worker = $1;
+
+-- name: insert_webhook
+-- A webhook subscription: $1 id, $2 url, $3 event types, $4 signing secret.
+INSERT INTO webhooks (webhook_id, url, events, secret) VALUES ($1, $2, $3, $4)
+RETURNING webhook_id, url, events, created_at;
+
+-- name: list_webhooks
+-- Every subscription, oldest first, without its secret.
+SELECT webhook_id, url, events, created_at, disabled_at IS NULL AS enabled, disabled_at,
+       paused_until
+FROM webhooks ORDER BY created_at, webhook_id;
+
+-- name: delete_webhook
+-- Deletes webhook $1 and cancels its undelivered deliveries (their history stays).
+-- Returns the number of webhooks deleted, 0 or 1.
+WITH gone AS (
+    DELETE FROM webhooks WHERE webhook_id = $1 RETURNING webhook_id
+), cancelled AS (
+    UPDATE deliveries SET state = 'cancelled', claimed_by = NULL
+    WHERE webhook_id IN (SELECT webhook_id FROM gone) AND state = 'pending'
+)
+SELECT count(*) FROM gone;
+
+-- name: disable_webhook
+-- The receiver of webhook $1 answered 410 Gone: no new deliveries, pending ones cancelled.
+WITH off AS (
+    UPDATE webhooks SET disabled_at = coalesce(disabled_at, now()) WHERE webhook_id = $1
+)
+UPDATE deliveries SET state = 'cancelled', claimed_by = NULL
+WHERE webhook_id = $1 AND state = 'pending';
+
+-- name: pause_webhook
+-- Holds every delivery to webhook $1 for $2 seconds (a 429 or a Retry-After).
+UPDATE webhooks
+SET paused_until = greatest(coalesce(paused_until, now()),
+                            now() + make_interval(secs => $2::double precision))
+WHERE webhook_id = $1;
+
+-- name: register_hook
+-- From now on every finalization also fans out to the Python hook $1 (module:function).
+INSERT INTO hook_registrations (sink, target) VALUES ('hook', $1)
+ON CONFLICT (sink) DO UPDATE SET target = EXCLUDED.target;
+
+-- name: claim_deliveries
+-- Claims for replica $1 up to $2 due deliveries: the claim counts the attempt and moves
+-- `next_attempt_at` $3 seconds ahead (the lease), so other replicas skip the row until
+-- it runs out; rows another replica is claiming right now are skipped too. Hook rows
+-- only when $4 (this replica runs the hook); never to a paused or disabled webhook.
+-- Returns what an attempt needs: the event, and the webhook's URL and secret.
+WITH due AS (
+    SELECT d.delivery_id
+    FROM deliveries d
+    LEFT JOIN webhooks w ON w.webhook_id = d.webhook_id
+    WHERE d.state = 'pending' AND d.next_attempt_at <= now()
+      AND CASE WHEN d.sink = 'hook' THEN $4::boolean
+               ELSE w.disabled_at IS NULL AND coalesce(w.paused_until <= now(), true) END
+    ORDER BY d.next_attempt_at
+    LIMIT $2
+    FOR UPDATE OF d SKIP LOCKED
+), claimed AS (
+    UPDATE deliveries d
+    SET attempts = d.attempts + 1, claimed_by = $1,
+        next_attempt_at = now() + make_interval(secs => $3::double precision)
+    FROM due
+    WHERE d.delivery_id = due.delivery_id
+    RETURNING d.delivery_id, d.event_id, d.sink, d.webhook_id, d.attempts, d.finalized_at,
+              d.claimed_by
+)
+SELECT c.delivery_id, c.event_id, c.sink, c.webhook_id, c.attempts AS attempt,
+       c.finalized_at, c.claimed_by, e.batch_id, e.type, e.data, e.created_at, w.url, w.secret
+FROM claimed c
+JOIN events e ON e.event_id = c.event_id
+LEFT JOIN webhooks w ON w.webhook_id = c.webhook_id
+ORDER BY c.finalized_at;
+
+-- name: delivery_succeeded
+-- Delivery $1 is acknowledged; returns its age (finalization to now) the first time.
+UPDATE deliveries SET state = 'delivered', delivered_at = now(), claimed_by = NULL
+WHERE delivery_id = $1 AND state = 'pending'
+RETURNING extract(epoch FROM now() - finalized_at) AS age_s;
+
+-- name: delivery_failed
+-- Attempt $2 of delivery $1 failed: due again in $3 seconds, but never later than $4
+-- seconds after finalization; a failure at or past that moment makes it `dead`. Only
+-- the claim that made attempt $2 moves the row (a later claim owns it otherwise).
+-- Returns the new state.
+UPDATE deliveries
+SET state = CASE WHEN finalized_at + make_interval(secs => $4::double precision) <= now()
+                 THEN 'dead' ELSE 'pending' END,
+    next_attempt_at = least(now() + make_interval(secs => $3::double precision),
+                            finalized_at + make_interval(secs => $4::double precision)),
+    claimed_by = NULL
+WHERE delivery_id = $1 AND state = 'pending' AND attempts = $2
+RETURNING state;
+
+-- name: log_attempt
+-- One attempt of delivery $1: $2 its number, $3 delivered/failed/dead, $4 the HTTP
+-- status (null for a hook or no answer), $5 the error, $6 seconds it took, $7 the
+-- replica that made it.
+INSERT INTO delivery_attempts (
+    delivery_id, attempt, outcome, status_code, error, latency_s, replica)
+VALUES ($1, $2, $3, $4, $5, $6, $7);
+
+-- name: delivery_gauges
+-- Age of the oldest event still undelivered to some sink, 0 when none.
+SELECT coalesce(extract(epoch FROM now() - min(finalized_at)), 0) AS oldest_undelivered_s
+FROM deliveries WHERE state = 'pending';
+
+-- name: batch_delivery_attempts
+-- Every delivery attempt of batch $1's events, in the order they were made.
+SELECT d.event_id, d.sink, d.webhook_id, CASE WHEN d.sink = 'hook' THEN h.target END AS hook,
+       a.attempt, a.outcome, a.outcome = 'delivered' AS delivered, a.status_code, a.error,
+       a.latency_s, a.replica, a.at
+FROM events e
+JOIN deliveries d ON d.event_id = e.event_id
+JOIN delivery_attempts a ON a.delivery_id = d.delivery_id
+LEFT JOIN hook_registrations h ON d.sink = 'hook'
+WHERE e.batch_id = $1
+ORDER BY a.at, d.delivery_id, a.attempt;
+
+-- name: batch_deliveries
+-- Where each delivery of batch $1's events stands, one row per (event, sink).
+SELECT d.event_id, d.sink, d.webhook_id, CASE WHEN d.sink = 'hook' THEN h.target END AS hook,
+       d.state, d.attempts, d.delivered_at,
+       CASE WHEN d.state = 'pending' THEN d.next_attempt_at END AS next_attempt_at
+FROM events e
+JOIN deliveries d ON d.event_id = e.event_id
+LEFT JOIN hook_registrations h ON d.sink = 'hook'
+WHERE e.batch_id = $1
+ORDER BY d.delivery_id;
+
+-- name: release_delivery
+-- A stop cut attempt $2 of delivery $1 short: due again at once, for any replica.
+UPDATE deliveries SET next_attempt_at = now(), claimed_by = NULL
+WHERE delivery_id = $1 AND attempts = $2 AND state = 'pending';

@@ -23,7 +23,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from reconciler import batches, migrations
+from reconciler import batches, delivery_routes, migrations
 from reconciler.api_models import (
     ID_MAX_CHARS,
     NO_NUL,
@@ -139,6 +139,7 @@ def create_app(ctx: Context, *, batches_api: bool = True) -> FastAPI:
     _install_errors(app)
     if batches_api:
         _install_batches(app, ctx)
+        delivery_routes.install(app, ctx, *_auth(ctx), plain=[_only_query()])
     _install_probes(app, ctx)
     return app
 

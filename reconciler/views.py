@@ -107,3 +107,45 @@ def print_explain(report: dict[str, Any], *, as_json: bool = False) -> None:
             files.add_row(f["file_id"], f["status"], str(f["attempts"]), str(f["worker"] or ""),
                           str(f["lease_expired"] or False))  # fmt: skip
         _console.print(files)
+
+
+def print_created_webhook(created: dict[str, Any]) -> None:
+    print(f"webhook {created['webhook_id']} -> {created['url']} ({', '.join(created['events'])})")
+    print(f"secret: {created['secret']}")
+    print("(shown only now: receivers verify signatures with it)")
+
+
+def print_webhooks(items: list[dict[str, Any]], *, as_json: bool = False) -> None:
+    if as_json:
+        _json(items)
+        return
+    table = Table(title=f"{len(items)} webhook(s)")
+    for name in ("webhook_id", "url", "events", "enabled", "created"):
+        table.add_column(name)
+    for w in items:
+        enabled = "yes" if w["enabled"] else f"no (410 at {w['disabled_at']})"
+        table.add_row(w["webhook_id"], w["url"], ",".join(w["events"]), enabled, w["created_at"])
+    _console.print(table)
+
+
+def print_deliveries(found: dict[str, Any], *, as_json: bool = False) -> None:
+    if as_json:
+        _json(found)
+        return
+    states = Table(title=f"deliveries of {found['batch_id']}")
+    for name in ("event_id", "sink", "state", "attempts", "next attempt"):
+        states.add_column(name)
+    for d in found["deliveries"]:
+        sink = d["webhook_id"] or f"hook {d['hook'] or ''}"
+        states.add_row(
+            d["event_id"], sink, d["state"], str(d["attempts"]), d["next_attempt_at"] or ""
+        )
+    _console.print(states)
+    attempts = Table(title="attempts")
+    for name in ("at", "sink", "attempt", "outcome", "status", "error"):
+        attempts.add_column(name)
+    for a in found["attempts"]:
+        sink = a["webhook_id"] or "hook"
+        status = "" if a["status_code"] is None else str(a["status_code"])
+        attempts.add_row(a["at"], sink, str(a["attempt"]), a["outcome"], status, a["error"] or "")
+    _console.print(attempts)

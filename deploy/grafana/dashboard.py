@@ -10,8 +10,8 @@ The committed batch-reconciler.json is this script's output; regenerate it after
 them against a live `/metrics` page.
 
 Gauges computed from the database or Redis (stuck batches, batches in progress, oldest
-unfinalized age, queue length) report the same value on every replica: they are
-aggregated with `max`, never `sum`.
+unfinalized age, oldest undelivered event, queue length) report the same value on every
+replica: they are aggregated with `max`, never `sum`.
 """
 
 from __future__ import annotations
@@ -375,6 +375,41 @@ def _sweeper_row(builder: dashboard_builders.Dashboard) -> dashboard_builders.Da
     )
 
 
+def _deliveries_row(builder: dashboard_builders.Dashboard) -> dashboard_builders.Dashboard:
+    by_outcome = "sum by (sink, outcome) (rate(reconciler_deliveries_total{%s}[$__rate_interval]))"
+    return (
+        builder.with_row(dashboard_builders.Row("Completion callbacks"))
+        .with_panel(
+            _stat(
+                "Oldest undelivered event",
+                "Age of the oldest finalized-batch event a sink has not acknowledged. "
+                "Alerts above 15 min. Same value on every replica (max).",
+                (f"max(reconciler_oldest_undelivered_event_age_seconds{{{JOB}}})", "age"),
+                unit="s",
+                thresholds=[(None, "green"), (600, "orange"), (900, "red")],
+            )
+        )
+        .with_panel(
+            _timeseries(
+                "Deliveries per second by sink and outcome",
+                "Webhook and hook attempts: delivered, failed (retried) or dead (given up).",
+                [(by_outcome % JOB, "{{sink}} {{outcome}}")],
+                unit="ops",
+                span=9,
+            )
+        )
+        .with_panel(
+            _timeseries(
+                "Delivery latency by sink (p50 / p99)",
+                "From a batch's finalization to its event acknowledged.",
+                _quantiles("reconciler_delivery_latency_seconds", by="sink"),
+                unit="s",
+                span=9,
+            )
+        )
+    )
+
+
 def build_dashboard() -> dashboard_builders.Dashboard:
     """Return the dashboard builder (call `.build()` for the model)."""
     builder = (
@@ -389,7 +424,8 @@ def build_dashboard() -> dashboard_builders.Dashboard:
         .timezone("browser")
         .variables(list(_variables()))
     )
-    for add_row in (_batches_row, _finalization_row, _files_row, _sweeper_row):
+    rows = (_batches_row, _finalization_row, _files_row, _sweeper_row, _deliveries_row)
+    for add_row in rows:
         builder = add_row(builder)
     return builder
 

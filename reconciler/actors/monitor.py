@@ -1,4 +1,4 @@
-"""The monitor: refreshes the batch and queue gauges from Postgres and Redis.
+"""The monitor: refreshes the batch, delivery and queue gauges from Postgres and Redis.
 
 The gauges describe shared state, so every replica reports the same value; alert on
 `max()` of them, never `sum()`.
@@ -40,4 +40,6 @@ class Monitor:
             metrics.BATCHES_IN_PROGRESS.set(row["in_progress"])
             metrics.BATCHES_STUCK.set(row["stuck"])
             metrics.OLDEST_UNFINALIZED_AGE.set(float(row["oldest_age_s"]))
+        oldest_undelivered_s = await self._db.fetchval("delivery_gauges")
+        metrics.OLDEST_UNDELIVERED_AGE.set(float(oldest_undelivered_s or 0))
         metrics.QUEUE_PENDING.set(await self._queue.length())

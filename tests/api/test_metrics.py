@@ -28,6 +28,9 @@ CONTRACT_METRICS = {
     "reconciler_sweep_duration_seconds": ("histogram", set()),
     "reconciler_sweep_repairs": ("counter", {"kind"}),
     "reconciler_actor_restarts": ("counter", {"actor"}),
+    "reconciler_deliveries": ("counter", {"sink", "outcome"}),
+    "reconciler_delivery_latency_seconds": ("histogram", {"sink"}),
+    "reconciler_oldest_undelivered_event_age_seconds": ("gauge", set()),
 }
 PROCESS_METRICS = {"process_cpu_seconds_total", "process_resident_memory_bytes"}
 

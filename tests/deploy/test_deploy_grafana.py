@@ -29,12 +29,16 @@ REQUIRED_PANELS = {
     "Queue pending jobs": "reconciler_queue_pending_jobs",
     "Sweep duration (p50 / p99)": "reconciler_sweep_duration_seconds_bucket",
     "Actor restarts": "reconciler_actor_restarts_total",
+    "Oldest undelivered event": "reconciler_oldest_undelivered_event_age_seconds",
+    "Deliveries per second by sink and outcome": "reconciler_deliveries_total",
+    "Delivery latency by sink (p50 / p99)": "reconciler_delivery_latency_seconds_bucket",
 }
 SHARED_GAUGES = {
     "reconciler_batches_stuck",
     "reconciler_batches_in_progress",
     "reconciler_oldest_unfinalized_batch_age_seconds",
     "reconciler_queue_pending_jobs",
+    "reconciler_oldest_undelivered_event_age_seconds",
 }
 CONTRACT_COUNTERS = {
     "reconciler_finalizations_total",
@@ -43,11 +47,13 @@ CONTRACT_COUNTERS = {
     "reconciler_jobs_dead_lettered_total",
     "reconciler_sweep_repairs_total",
     "reconciler_actor_restarts_total",
+    "reconciler_deliveries_total",
 }
 CONTRACT_HISTOGRAMS = {
     "reconciler_finalization_latency_seconds",
     "reconciler_file_processing_seconds",
     "reconciler_sweep_duration_seconds",
+    "reconciler_delivery_latency_seconds",
 }
 CONTRACT_SERIES = (
     SHARED_GAUGES

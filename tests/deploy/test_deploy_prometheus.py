@@ -33,6 +33,8 @@ REQUIRED_ALERTS = {
     "ReconcilerConsumerLagGrowing": ("warning", "consumer-lag"),
     "ReconcilerActorRestartLoop": ("warning", "actor-restarts"),
     "ReconcilerAbsent": ("critical", "service-absent"),
+    "ReconcilerDeliveriesDead": ("warning", "deliveries-dead"),
+    "ReconcilerUndeliveredEventTooOld": ("warning", "undelivered-events"),
 }
 # absent() always evaluates to 1, so its value says nothing worth printing.
 NO_VALUE_IN_DESCRIPTION = {"ReconcilerAbsent"}
@@ -45,11 +47,13 @@ CONTRACT_COUNTERS = {
     "reconciler_jobs_dead_lettered_total",
     "reconciler_sweep_repairs_total",
     "reconciler_actor_restarts_total",
+    "reconciler_deliveries_total",
 }
 CONTRACT_HISTOGRAMS = {
     "reconciler_finalization_latency_seconds",
     "reconciler_file_processing_seconds",
     "reconciler_sweep_duration_seconds",
+    "reconciler_delivery_latency_seconds",
 }
 # Computed from Postgres or Redis: identical on every replica, so aggregate with max.
 SHARED_GAUGES = {
@@ -57,6 +61,7 @@ SHARED_GAUGES = {
     "reconciler_batches_in_progress",
     "reconciler_oldest_unfinalized_batch_age_seconds",
     "reconciler_queue_pending_jobs",
+    "reconciler_oldest_undelivered_event_age_seconds",
 }
 CONTRACT_SERIES = (
     SHARED_GAUGES

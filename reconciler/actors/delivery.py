@@ -1,0 +1,113 @@
+"""The delivery actor: takes due events from the outbox and hands them to their sinks.
+
+Every replica that runs the worker or the sweeper runs one. It claims due deliveries
+under a lease (so no two replicas attempt the same one at once), makes a few attempts
+at a time, and settles each through `delivery.settle`; a replica that dies mid-attempt
+leaves its lease to run out, and another tries again.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+from functools import partial
+from typing import Final
+
+import anyio
+import structlog
+from anyio.abc import TaskGroup
+
+from reconciler import delivery
+from reconciler.config import Settings
+from reconciler.database import Database
+from reconciler.delivery import Attempt, Claimed, Schedule, Sink
+from reconciler.errors import RetryableError
+from reconciler.retry import persist
+from reconciler.sinks import HookCaller, WebhookSender, http_client, load_hook
+
+log = structlog.get_logger("reconciler.delivery")
+
+DELIVERY_CONCURRENCY: Final = 16
+# A lease outlives the attempt it covers: only a dead replica's lease runs out.
+LEASE_MIN_S: Final = 30.0
+LEASE_TIMEOUTS: Final = 3
+RELEASE_TIMEOUT_S: Final = 2.0
+
+
+def lease_s(settings: Settings) -> float:
+    return max(LEASE_MIN_S, LEASE_TIMEOUTS * settings.delivery_timeout_s)
+
+
+class Deliverer:
+    name = "delivery"
+
+    def __init__(self, settings: Settings, db: Database) -> None:
+        self._settings = settings
+        self._db = db
+        self._owner = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+        self._schedule = Schedule(settings.delivery_backoff_s, settings.delivery_max_age_s)
+        hook = load_hook(settings.on_finalized) if settings.on_finalized else None
+        self._hook = HookCaller(hook, settings.delivery_timeout_s) if hook else None
+        self._busy = 0
+        self._slot_freed = anyio.Event()
+
+    async def run(self) -> None:
+        if self._settings.on_finalized:
+            await delivery.register_hook(self._db, self._settings.on_finalized)
+        async with http_client(self._settings.delivery_timeout_s) as http:
+            sender = WebhookSender(http, self._settings.delivery_timeout_s)
+            async with anyio.create_task_group() as tg:
+                while True:
+                    if not await self._start_due(tg, sender):
+                        await self._idle()
+
+    async def _start_due(self, tg: TaskGroup, sender: WebhookSender) -> int:
+        """Claims as many due deliveries as there are free slots and starts them."""
+        free = DELIVERY_CONCURRENCY - self._busy
+        if free <= 0:
+            return 0
+        try:
+            claimed = await delivery.claim(
+                self._db, self._owner, free, lease_s(self._settings), with_hook=bool(self._hook)
+            )
+        except RetryableError as exc:
+            log.warning("delivery_claim_failed", error=str(exc))
+            return 0
+        for item in claimed:
+            self._busy += 1
+            tg.start_soon(self._attempt, item, sender)
+        return len(claimed)
+
+    async def _idle(self) -> None:
+        """Waits for the next poll, or for a slot to free up."""
+        with anyio.move_on_after(self._settings.delivery_poll_interval_s):
+            await self._slot_freed.wait()
+        self._slot_freed = anyio.Event()
+
+    async def _attempt(self, claimed: Claimed, sender: WebhookSender) -> None:
+        try:
+            attempt = await self._make(claimed, sender)
+            settle = partial(delivery.settle, self._db, claimed, attempt, self._schedule)
+            await persist(settle, "delivery_settle_failed", log, event_id=claimed.event.event_id)
+        except anyio.get_cancelled_exc_class():
+            await self._release(claimed)
+            raise
+        finally:
+            self._busy -= 1
+            self._slot_freed.set()
+
+    async def _release(self, claimed: Claimed) -> None:
+        """On a stop, lets another replica retry now rather than when the lease runs out."""
+        with anyio.CancelScope(shield=True), anyio.move_on_after(RELEASE_TIMEOUT_S):
+            try:
+                await delivery.release(self._db, claimed)
+            except RetryableError as exc:
+                log.warning("delivery_release_failed", error=str(exc))
+
+    async def _make(self, claimed: Claimed, sender: WebhookSender) -> Attempt:
+        if claimed.sink is Sink.WEBHOOK:
+            return await sender.send(claimed)
+        if self._hook is None:  # claimed only with a hook: a registration changed under us
+            return Attempt(False, 0.0, error="RECONCILER_ON_FINALIZED is not set here")
+        return await self._hook.call(claimed)

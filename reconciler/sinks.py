@@ -1,0 +1,156 @@
+"""How one delivery attempt is made: a signed webhook POST, or a call of the Python hook.
+
+Whatever happens (an answer, a timeout, a refused connection, a redirect, a raising
+hook) ends as an `Attempt` with a readable reason; nothing escapes. A webhook attempt
+has one deadline for the whole exchange, follows no redirect and reads at most a few
+kilobytes of the answer.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import email.utils
+import time
+from collections.abc import Callable
+from typing import Any, Final, cast
+
+import anyio
+import anyio.to_thread
+import httpx
+
+from reconciler import webhooks
+from reconciler.delivery import Attempt, Claimed, Event
+from reconciler.execution import describe
+from reconciler.handlers import is_async, load_handler
+
+Hook = Callable[[Event], Any]
+RESPONSE_CAP_BYTES: Final = 4096
+ERROR_EXCERPT_CHARS: Final = 200
+USER_AGENT: Final = "batch-reconciler"
+
+
+def http_client(timeout_s: float) -> httpx.AsyncClient:
+    """The client every webhook attempt goes through: no redirects, no proxy from the env."""
+    return httpx.AsyncClient(
+        follow_redirects=False,
+        timeout=httpx.Timeout(timeout_s),
+        trust_env=False,
+        headers={"user-agent": USER_AGENT},
+    )
+
+
+class WebhookSender:
+    """Posts an event to its webhook, signed by the Standard Webhooks scheme."""
+
+    def __init__(self, http: httpx.AsyncClient, timeout_s: float) -> None:
+        self._http = http
+        self._timeout_s = timeout_s
+
+    async def send(self, claimed: Claimed) -> Attempt:
+        started = time.perf_counter()
+        url = claimed.url or ""
+        try:
+            with anyio.fail_after(self._timeout_s):
+                status, retry_after, excerpt = await self._post(url, claimed)
+        except (TimeoutError, httpx.TimeoutException):
+            return Attempt(False, _since(started), error=f"timed out after {self._timeout_s:g} s")
+        except httpx.HTTPError as exc:
+            # The message may quote the URL, which may carry a token.
+            reason = describe(exc).replace(url, "<url>") if url else describe(exc)
+            return Attempt(False, _since(started), error=reason[:ERROR_EXCERPT_CHARS])
+        return judge(status, retry_after, excerpt, _since(started))
+
+    async def _post(self, url: str, claimed: Claimed) -> tuple[int, str | None, bytes]:
+        body = claimed.event.body()
+        headers = signed_headers(claimed, body, int(time.time()))
+        async with self._http.stream("POST", url, content=body, headers=headers) as response:
+            excerpt = await _read_capped(response)
+            return response.status_code, response.headers.get("retry-after"), excerpt
+
+
+def signed_headers(claimed: Claimed, body: bytes, timestamp: int) -> dict[str, str]:
+    """`webhook-id` is the event's (stable across retries); the timestamp is this attempt's."""
+    event_id = claimed.event.event_id
+    return {
+        "content-type": "application/json",
+        "webhook-id": event_id,
+        "webhook-timestamp": str(timestamp),
+        "webhook-signature": webhooks.sign(claimed.secret or "", event_id, timestamp, body),
+    }
+
+
+async def _read_capped(response: httpx.Response) -> bytes:
+    """At most RESPONSE_CAP_BYTES of the answer, as sent (never decompressed)."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.aiter_raw():
+        chunks.append(chunk)
+        size += len(chunk)
+        if size >= RESPONSE_CAP_BYTES:
+            break
+    return b"".join(chunks)[:RESPONSE_CAP_BYTES]
+
+
+def judge(status: int, retry_after: str | None, excerpt: bytes, latency_s: float) -> Attempt:
+    """2xx delivered; 410 disables the subscription; anything else is retried."""
+    if 200 <= status < 300:
+        return Attempt(True, latency_s, status)
+    if status == 410:
+        return Attempt(False, latency_s, status, "410 Gone: subscription disabled", gone=True)
+    if 300 <= status < 400:
+        return Attempt(False, latency_s, status, f"HTTP {status}: redirects are not followed")
+    text = excerpt.decode("utf-8", "replace").replace("\x00", "\\0").strip()
+    text = text[:ERROR_EXCERPT_CHARS]
+    error = f"HTTP {status}: {text}" if text else f"HTTP {status}"
+    wait_s = parse_retry_after(retry_after)
+    return Attempt(False, latency_s, status, error, wait_s, throttled=status == 429)
+
+
+def parse_retry_after(value: str | None, now: dt.datetime | None = None) -> float | None:
+    """Seconds to wait from a Retry-After header (delta-seconds or an HTTP date)."""
+    if not value:
+        return None
+    text = value.strip()
+    if text.isdigit():
+        return float(text)
+    try:
+        moment = email.utils.parsedate_to_datetime(text)
+    except (TypeError, ValueError):
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=dt.UTC)
+    return max(0.0, (moment - (now or dt.datetime.now(dt.UTC))).total_seconds())
+
+
+def load_hook(spec: str) -> Hook:
+    """Imports RECONCILER_ON_FINALIZED; a ConfigError naming it when that fails."""
+    return cast(Hook, load_handler(spec, "RECONCILER_ON_FINALIZED"))
+
+
+class HookCaller:
+    """Calls RECONCILER_ON_FINALIZED with the event: async on the loop, sync in a thread."""
+
+    def __init__(self, hook: Hook, timeout_s: float) -> None:
+        self._hook = hook
+        self._async = is_async(hook)
+        self._timeout_s = timeout_s
+
+    async def call(self, claimed: Claimed) -> Attempt:
+        started = time.perf_counter()
+        try:
+            with anyio.fail_after(self._timeout_s):
+                await self._run(claimed)
+        except Exception as exc:
+            return Attempt(False, _since(started), error=describe(exc))
+        return Attempt(True, _since(started))
+
+    async def _run(self, claimed: Claimed) -> None:
+        if self._async:
+            await self._hook(claimed.event)
+        else:
+            # A sync hook past its timeout cannot be stopped: leave its thread behind.
+            await anyio.to_thread.run_sync(self._hook, claimed.event, abandon_on_cancel=True)
+
+
+def _since(started: float) -> float:
+    return time.perf_counter() - started
