@@ -367,15 +367,23 @@ class Consumer:
     async def _renew_leases(self) -> None:
         """Keeps this consumer's leases fresh in Postgres and in the stream's PEL.
 
-        The two renewals are independent: a Postgres blink or hang must not let the
-        Redis lease lapse, or another consumer would take a job that is still running.
+        Two loops, each on its own clock: a Postgres call hanging until its timeout
+        must not delay the Redis renewal, or another consumer would take a job that
+        is still running here (and the reverse).
         """
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._renew_every, "postgres", self._renew_postgres)
+            tg.start_soon(self._renew_every, "redis", self._renew_redis)
+
+    async def _renew_every(self, where: str, renew: Callable[[], Awaitable[None]]) -> None:
         while True:
             await anyio.sleep(self._settings.lease_renew_interval_s)
-            # Side by side: a Postgres call hanging until its timeout must not delay Redis.
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(self._renew, "postgres", self._renew_postgres)
-                tg.start_soon(self._renew, "redis", self._renew_redis)
+            try:
+                await renew()
+            except RetryableError as exc:
+                log.warning(
+                    "lease_renewal_failed", consumer=self.consumer, where=where, error=str(exc)
+                )
 
     async def _renew_postgres(self) -> None:
         vis = self._settings.visibility_timeout_s
@@ -383,12 +391,6 @@ class Consumer:
 
     async def _renew_redis(self) -> None:
         await self._queue.renew(self.consumer, list(self._in_flight))
-
-    async def _renew(self, where: str, call: Callable[[], Awaitable[Any]]) -> None:
-        try:
-            await call()
-        except RetryableError as exc:
-            log.warning("lease_renewal_failed", consumer=self.consumer, where=where, error=str(exc))
 
     async def _persist(self, call: Callable[[], Awaitable[T]], event: str) -> T:
         return await persist(call, event, log, self._stop, consumer=self.consumer)

@@ -169,11 +169,29 @@ def _nothing_left(record: RunRecord) -> Found:
     if record.stale_consumers:
         yield "I5", "stopped consumers before stop", ", ".join(record.stale_consumers)
     if final.consumers:
-        yield "I5", "consumers after graceful stop", "; ".join(final.consumers)
+        story = "; ".join(_story(record, name.split(" ", 1)[0]) for name in final.consumers)
+        yield "I5", "consumers after graceful stop", f"{'; '.join(final.consumers)} | {story}"
     for (letter, file_id), row in sorted(final.files.items()):
         if row["status"] == "processing" or row["lease_expires_at"] is not None:
             detail = f"{row['status']}, lease {row['lease_expires_at']}"
             yield "I5", "file left in flight", f"{letter}/{file_id}: {detail}"
+
+
+_LIFECYCLE: Final = frozenset(
+    "consumer_started consumer_stopped consumers_removed jobs_released leases_released"
+    " release_failed release_gave_up actor_crashed".split()
+)
+
+
+def _story(record: RunRecord, consumer: str) -> str:
+    """What the logs say about one consumer, to tell why it is still in the group."""
+    told = [
+        f"{e.get('event')}@gen{e.get('generation')}"
+        for e in record.events
+        if e.get("event") in _LIFECYCLE
+        and (e.get("consumer") == consumer or consumer in str(e.get("consumers", "")))
+    ]
+    return f"{consumer}: {', '.join(told) or 'no log events'}"
 
 
 def _not_vacuous(record: RunRecord) -> Found:

@@ -175,6 +175,7 @@ class RunRecord:
     finalized_events: dict[str, int]
     duration_s: float
     errors: list[str] = field(default_factory=list)
+    events: list[MutableMapping[str, Any]] = field(default_factory=list, repr=False)
 
     def label(self) -> str:
         """The run and the port call at each of its fault points."""
@@ -386,7 +387,8 @@ class Run:
         """Submits as a user would: on an error, again with the same batch id."""
         deadline = DEADLINE_S if letter == "C" else None
         for _ in range(SUBMIT_TRIES):
-            ports = (await self.live()).service.ports
+            life = await self.live()
+            ports = life.service.ports
             try:
                 await submit(
                     ports.db, ports.queue, scenario_files(letter),
@@ -395,6 +397,11 @@ class Run:
                 return
             except (RetryableError, Crash):
                 continue
+            except Exception:
+                # The generation died under the call and its connections were closed:
+                # the user's submit failed with it, and is retried on the next one.
+                if not life.generation.dead:
+                    raise
         self.errors.append(f"batch {letter} could not be submitted in {SUBMIT_TRIES} tries")
 
     async def settle(self) -> str:
@@ -527,4 +534,5 @@ async def _drive(run: Run, context: RunContext, started: float) -> RunRecord:
         left_before_stop=left, stale_consumers=run.stale, final=final,
         journal=list(handlers.runs_of({run.batch_id(x) for x in LETTERS})),
         finalized_events=finalized, duration_s=time.monotonic() - started, errors=run.errors,
+        events=run.events,
     )  # fmt: skip
