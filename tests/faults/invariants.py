@@ -6,6 +6,7 @@ summary groups by) and the detail; the run label says the mode, N and the call a
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -15,7 +16,14 @@ from typing import Any, Final
 from reconciler import reasons
 from tests.faults import handlers
 from tests.faults.handlers import HandlerRun
-from tests.faults.scenario import LETTERS, MAX_ATTEMPTS, RunRecord, special_file
+from tests.faults.scenario import (
+    LETTERS,
+    MAX_ATTEMPTS,
+    SWEEP_INTERVAL_S,
+    VISIBILITY_TIMEOUT_S,
+    RunRecord,
+    special_file,
+)
 
 HANDLER_ERROR: Final = f"RuntimeError: {handlers.FAILURE_MESSAGE}"
 
@@ -168,13 +176,28 @@ def _nothing_left(record: RunRecord) -> Found:
         yield "I5", "dead letters != 1", f"{final.dead_letters} jobs dead-lettered"
     if record.stale_consumers:
         yield "I5", "stopped consumers before stop", ", ".join(record.stale_consumers)
-    if final.consumers:
-        story = "; ".join(_story(record, name.split(" ", 1)[0]) for name in final.consumers)
-        yield "I5", "consumers after graceful stop", f"{'; '.join(final.consumers)} | {story}"
+    left = [c for c in final.consumers if _prunable(c, record.generations)]
+    if left:
+        story = "; ".join(_story(record, name.split(" ", 1)[0]) for name in left)
+        yield "I5", "consumers after graceful stop", f"{'; '.join(left)} | {story}"
     for (letter, file_id), row in sorted(final.files.items()):
         if row["status"] == "processing" or row["lease_expires_at"] is not None:
             detail = f"{row['status']}, lease {row['lease_expires_at']}"
             yield "I5", "file left in flight", f"{letter}/{file_id}: {detail}"
+
+
+def _prunable(consumer: str, last: int) -> bool:
+    """Whether a consumer still listed after the last graceful stop should be gone.
+
+    The last generation's stop removes its own consumer. A stopped generation's consumer
+    is removed by a sweep once idle past the visibility timeout: one that went quiet
+    less than that (plus two sweeps) before the end may still be listed.
+    """
+    if f"(generation {last})" in consumer:
+        return True
+    idle = re.search(r"idle=(\d+)ms", consumer)
+    grace_ms = (VISIBILITY_TIMEOUT_S + 2 * SWEEP_INTERVAL_S) * 1000
+    return idle is None or int(idle[1]) >= grace_ms
 
 
 _LIFECYCLE: Final = frozenset(

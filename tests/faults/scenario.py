@@ -37,6 +37,7 @@ MAX_ATTEMPTS: Final = 3
 DEADLINE_S: Final = 0.6
 SLOW_S: Final = 1.2
 VISIBILITY_TIMEOUT_S: Final = 1.0
+SWEEP_INTERVAL_S: Final = 0.2
 SETTLE_TIMEOUT_S: Final = 15.0
 # How long stopped consumers may linger in the group once the run has settled.
 STALE_CONSUMER_GRACE_S: Final = 1.5
@@ -74,7 +75,7 @@ def run_settings(database_url: str, redis_url: str, namespace: str) -> Settings:
         http_port=0,
         handler=HANDLER,
         concurrency=4,
-        sweep_interval_s=0.2,
+        sweep_interval_s=SWEEP_INTERVAL_S,
         stuck_grace_s=0.0,
         visibility_timeout_s=VISIBILITY_TIMEOUT_S,
         max_attempts=MAX_ATTEMPTS,
