@@ -69,6 +69,38 @@ class BatchProgress:
 Item = Settle | Started
 
 
+class Written:
+    """The attempt Postgres holds for each running file, for a retry to wait on.
+
+    A retry starts only once the attempt before it is written, so a crash can cost a
+    file at most the one attempt it was running.
+    """
+
+    def __init__(self) -> None:
+        self.attempts: dict[str, int] = {}
+        self._changed = anyio.Event()
+
+    def record(self, starts: list[Started]) -> None:
+        for start in starts:
+            self.attempts[start.member] = max(self.attempts.get(start.member, 0), start.attempt)
+        self.wake()
+
+    def forget(self, member: str) -> None:
+        self.attempts.pop(member, None)
+
+    def wake(self) -> None:
+        self._changed.set()
+        self._changed = anyio.Event()
+
+    async def until(self, member: str, attempt: int, stop: anyio.Event) -> bool:
+        """Waits until `attempt` of the file is written; False if the service stops first."""
+        while self.attempts.get(member, 0) < attempt:
+            if stop.is_set():
+                return False
+            await self._changed.wait()
+        return True
+
+
 class Recorder:
     """Writes what the workers report.
 
@@ -83,16 +115,19 @@ class Recorder:
         queue: JobQueue,
         progress: MemoryObjectSendStream[BatchProgress],
         consumer: str,
-        in_flight: dict[str, None],
-        running: dict[str, int],
     ) -> None:
         self._settings = settings
         self._db = db
         self._queue = queue
         self._progress = progress
         self._consumer = consumer
-        self._in_flight = in_flight
-        self._running = running
+        self._in_flight: dict[str, None] = {}
+        self._running: dict[str, int] = {}
+        self._written = Written()
+
+    def track(self, in_flight: dict[str, None], running: dict[str, int], written: Written) -> None:
+        """Shares the consumer's books of deliveries, running files and written attempts."""
+        self._in_flight, self._running, self._written = in_flight, running, written
 
     async def run(self, items: MemoryObjectReceiveStream[Item]) -> None:
         async with items:
@@ -145,6 +180,7 @@ class Recorder:
             attempted = settle.attempted
             if attempted and self._running.get(settle.member or "") == attempted.attempts:
                 del self._running[settle.member or ""]
+                self._written.forget(settle.member or "")
 
     async def _write_starts(self, items: list[Item], settled: set[str | None]) -> None:
         """Attempts still running at this flush: in flight, with a lease, in Postgres."""
@@ -160,6 +196,7 @@ class Recorder:
         vis = self._settings.visibility_timeout_s
         call = partial(self._db.execute, "record_starts", *columns, self._consumer, vis)
         await self._retried(call, "start_write")
+        self._written.record(starts)
 
     async def _write(self, outcomes: list[Settle]) -> list[Row]:
         try:

@@ -35,6 +35,7 @@ from reconciler.recording import (
     Recorder,
     Settle,
     Started,
+    Written,
     undecodable,
 )
 from reconciler.retry import Stopping, persist
@@ -124,6 +125,7 @@ class Consumer:
         # Files handed out or running here, with the attempt they run, so a second
         # entry for one of them is not run beside it.
         self._running: dict[str, int] = {}
+        self._written = Written()
         # Files whose handler the stop cut short, with that attempt: given back.
         self._interrupted: dict[str, tuple[str, str, int]] = {}
         self._slots = _Slots(settings.concurrency)
@@ -138,6 +140,7 @@ class Consumer:
         self.consumer = self._fixed_name or consumer_name()
         self._in_flight.clear()
         self._running.clear()
+        self._written = Written()
         self._interrupted.clear()
         self._slots = _Slots(self._settings.concurrency)
         log.info("consumer_started", consumer=self.consumer)
@@ -161,6 +164,7 @@ class Consumer:
     async def _wake_on_stop(self) -> None:
         await self._stop.wait()
         self._slots.wake()
+        self._written.wake()
 
     async def _release(self) -> None:
         """Hands unfinished jobs back at once instead of after the visibility timeout."""
@@ -190,9 +194,8 @@ class Consumer:
         size = self._settings.concurrency
         work_send, work_recv = anyio.create_memory_object_stream[Work](size)
         out_send, out_recv = anyio.create_memory_object_stream[Item](self._settings.flush_max_files)
-        ports = (self._db, self._queue)
-        tracked = (self._in_flight, self._running)
-        recorder = Recorder(self._settings, *ports, self._progress, self.consumer, *tracked)
+        recorder = Recorder(self._settings, self._db, self._queue, self._progress, self.consumer)
+        recorder.track(self._in_flight, self._running, self._written)
         async with anyio.create_task_group() as tg:
             tg.start_soon(recorder.run, out_recv)
             async with work_recv, out_send:
@@ -356,7 +359,7 @@ class Consumer:
 
     async def _next_attempt(self, item: Work, out: Out, job: jobs.FileJob) -> jobs.FileJob | None:
         """The retry, announced as started; None when stopping (released as it stands)."""
-        if self._stop.is_set():
+        if not await self._written.until(item.member, job.attempt, self._stop):
             return None
         following = replace(job, attempt=job.attempt + 1)
         await self._started(item, following, out)
