@@ -65,3 +65,8 @@ class InvalidWebhook(TerminalError):
 
 class WebhookNotFound(TerminalError):
     """No webhook subscription with this id."""
+
+
+class ActionRefused(TerminalError):
+    """An operator action the batch's state does not allow (already finalized, nothing
+    failed, not finalized yet); the message says which."""

@@ -242,9 +242,11 @@ class JobQueue:
         async with translated():
             return int(await self._redis.xlen(self.stream))
 
-    async def dead_letters(self, count: int = 100) -> list[Delivery]:
+    async def dead_letters(self, count: int = 100, after: str | None = None) -> list[Delivery]:
+        """Dead letters oldest first, at most `count`, only those after entry `after`."""
+        start = "-" if after is None else f"({after}"
         async with translated():
-            reply: Any = await self._redis.xrange(self.dead, count=count)
+            reply: Any = await self._redis.xrange(self.dead, min=start, count=count)
         return [Delivery(i.decode(), f) for i, f in reply]
 
     async def _group_call(self, method: Any, *args: Any, **kwargs: Any) -> Any:

@@ -23,7 +23,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from reconciler import batches, delivery_routes, migrations
+from reconciler import batches, delivery_routes, migrations, operator_routes
 from reconciler.api_models import (
     ID_MAX_CHARS,
     NO_NUL,
@@ -140,6 +140,7 @@ def create_app(ctx: Context, *, batches_api: bool = True) -> FastAPI:
     if batches_api:
         _install_batches(app, ctx)
         delivery_routes.install(app, ctx, *_auth(ctx), plain=[_only_query()])
+        operator_routes.install(app, ctx, *_auth(ctx), only_query=_only_query)
     _install_probes(app, ctx)
     return app
 
