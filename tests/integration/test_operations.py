@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import pytest
+from prometheus_client import REGISTRY
 
 from reconciler import operations, reasons
-from reconciler.app import Ports
+from reconciler.app import Ports, Role
 from reconciler.config import Settings
 from reconciler.errors import ActionRefused, BatchConflict, BatchNotFound, InvalidBatch
 from reconciler.finalization import finalize
-from tests.helpers import files, record, sql, start_as, submit
+from tests.helpers import files, record, running, sql, start_as, submit, wait_for
 
 
 async def _count(settings: Settings, table: str, batch_id: str) -> int:
@@ -108,3 +109,26 @@ async def test_retry_failed_refuses_unfinished_or_clean_batches(ports: Ports) ->
     await finalize(ports.db, running_batch.batch_id, "event")
     with pytest.raises(ActionRefused, match="no failed file"):
         await operations.retry_failed(ports.db, ports.queue, running_batch.batch_id, "r", "a")
+
+
+def _handled() -> float:
+    """Handler outcomes this process has counted, succeeded or failed."""
+    name = "reconciler_files_processed_total"
+    found = (REGISTRY.get_sample_value(name, {"outcome": o}) for o in ("succeeded", "failed"))
+    return sum(value or 0.0 for value in found)
+
+
+async def test_queued_jobs_of_a_cancelled_batch_are_skipped_when_read(
+    ports: Ports, settings: Settings
+) -> None:
+    """A worker reading a cancelled file's job acknowledges it without running the handler."""
+    batch = await submit(ports, files(5))
+    await operations.cancel(ports.db, batch.batch_id, "runaway", "cli:alice")
+    before = _handled()
+    async with running(settings, ports, Role.WORKER):
+        await wait_for(lambda: _drained(ports), what="every job acknowledged")
+    assert _handled() == before
+
+
+async def _drained(ports: Ports) -> bool:
+    return await ports.queue.length() == 0
