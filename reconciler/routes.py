@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import datetime as dt
 import hmac
-import time
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Annotated, Any, Final, Literal
 
@@ -41,11 +39,13 @@ from reconciler.errors import (
     BatchConflict,
     BatchNotFound,
     InvalidBatch,
+    MisconfiguredDependency,
     RetryableError,
     TerminalError,
 )
 from reconciler.finalization import Outcome, finalize
 from reconciler.queue import JobQueue
+from reconciler.summary_cache import SummaryCache
 from reconciler.supervisor import Health
 
 log = structlog.get_logger("reconciler.api")
@@ -54,8 +54,6 @@ RETRY_AFTER_S: Final = 2
 PROBE_TIMEOUT_S: Final = 2.0
 PAGE_SIZE: Final = 50
 MAX_PAGE_SIZE: Final = 500
-SUMMARY_CACHE_ENTRIES: Final = 10_000
-SUMMARY_CACHE_TTL_S: Final = 600.0
 
 BatchId = Annotated[
     str,
@@ -95,32 +93,6 @@ class Context:
     queue: JobQueue
     health: Health
     stop: anyio.Event
-
-
-class SummaryCache:
-    """The encoded answers of recently read finalized summaries, which never change.
-
-    Bounded (least recently used go first) and aged out, so a batch deleted by an
-    operator and submitted again under the same id is not answered from memory forever.
-    """
-
-    def __init__(self, entries: int = SUMMARY_CACHE_ENTRIES, ttl_s: float = SUMMARY_CACHE_TTL_S):
-        self._entries = entries
-        self._ttl_s = ttl_s
-        self._items: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
-
-    def get(self, batch_id: str) -> bytes | None:
-        item = self._items.get(batch_id)
-        if item is None or item[0] < time.monotonic():
-            return None
-        self._items.move_to_end(batch_id)
-        return item[1]
-
-    def put(self, batch_id: str, body: bytes) -> None:
-        self._items[batch_id] = (time.monotonic() + self._ttl_s, body)
-        self._items.move_to_end(batch_id)
-        while len(self._items) > self._entries:
-            self._items.popitem(last=False)
 
 
 def error(status: int, message: str, detail: Any = None, **headers: str) -> JSONResponse:
@@ -380,8 +352,8 @@ async def _check_postgres(ctx: Context, problems: dict[str, str]) -> None:
         try:
             if await migrations.pending(ctx.db):
                 problems["schema"] = "migrations pending: run `reconciler migrate`"
-        except RetryableError:
-            problems["postgres"] = "unreachable"
+        except RetryableError as exc:
+            problems["postgres"] = _unreachable(exc)
         except TerminalError as exc:
             problems["postgres"] = f"failing: {exc}"
     if scope.cancelled_caught:
@@ -392,9 +364,14 @@ async def _check_redis(ctx: Context, problems: dict[str, str]) -> None:
     with anyio.move_on_after(PROBE_TIMEOUT_S) as scope:
         try:
             await ctx.queue.ping()
-        except RetryableError:
-            problems["redis"] = "unreachable"
+        except RetryableError as exc:
+            problems["redis"] = _unreachable(exc)
         except TerminalError as exc:
             problems["redis"] = f"failing: {exc}"
     if scope.cancelled_caught:
         problems["redis"] = "timed out"
+
+
+def _unreachable(exc: RetryableError) -> str:
+    """What readiness says of a dependency that does not answer: what to fix, if known."""
+    return str(exc) if isinstance(exc, MisconfiguredDependency) else "unreachable"
