@@ -52,8 +52,10 @@ async def cancel(db: Database, batch_id: str, reason: str, actor: str) -> Finali
 def _refuse_unless_finalized(result: FinalizeResult) -> None:
     if result.outcome is Outcome.NOT_FOUND:
         raise BatchNotFound(f"no batch {result.batch_id!r}")
-    if result.outcome is not Outcome.FINALIZED:
+    if result.outcome is Outcome.ALREADY_FINALIZED:
         raise ActionRefused(f"batch {result.batch_id!r} is already finalized ({result.status})")
+    if result.outcome is not Outcome.FINALIZED:
+        raise ActionRefused(f"batch {result.batch_id!r} could not be cancelled: {result.outcome}")
 
 
 async def retry_failed(
