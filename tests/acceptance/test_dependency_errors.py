@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import signal
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +18,9 @@ import redis as sync_redis
 from reconciler.app import Ports
 from tests.acceptance.processes import run_cli, service_process, with_env
 from tests.helpers import wait_for
+
+# Well under the drain timeout (25 s): a consumer that never started has nothing to drain.
+STOP_WITHIN_S = 10.0
 
 
 async def test_rediss_against_a_plain_port_names_tls(service_env: dict[str, str]) -> None:
@@ -65,6 +70,10 @@ async def test_wrong_redis_password_logs_the_cause_at_each_backoff_step(
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{proc.port}") as http:
             await wait_for(lambda: _waits(proc.events()), what="two backoff steps logged")
             ready = await http.get("/readyz")
+        proc.signal(signal.SIGTERM)
+        started = time.monotonic()
+        assert await anyio.to_thread.run_sync(lambda: proc.wait(STOP_WITHIN_S)) == 0
+    assert time.monotonic() - started < STOP_WITHIN_S  # no drain to wait for
     assert ready.status_code == 503
     assert "authentication failed" in json.dumps(ready.json())
     events = proc.events()
