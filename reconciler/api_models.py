@@ -22,6 +22,9 @@ FILE_ID_MAX_BYTES: Final = 1024  # with a 256-character batch_id, fits a btree i
 URI_MAX_CHARS: Final = 4096
 NO_NUL: Final = r"^[^\x00]+$"
 BATCH_ID: Final = r"^[^\x00/]+$"  # a '/' could never be addressed in a URL path
+REASON_MAX_CHARS: Final = 2000  # the operator_actions.reason CHECK constraint
+REASON: Final = r"^[^\x00]*\S[^\x00]*$"  # some text that is not only blanks
+Trigger = Literal["event", "sweep", "demand", "deadline", "operator"]
 
 
 class FileIn(BaseModel):
@@ -129,16 +132,19 @@ class Progress(BaseModel):
     created_at: dt.datetime
     last_file_completed_at: dt.datetime | None
     completed_at: dt.datetime | None
-    finalized_by: Literal["event", "sweep", "demand", "deadline"] | None
+    finalized_by: Trigger | None
     deadline_at: dt.datetime | None = None
     metadata: dict[str, Any] | None = None
+    parent_batch_id: str | None = Field(
+        default=None, description="The batch whose failed files this one runs again."
+    )
 
 
 class Summary(BaseModel):
     batch_id: str
     run_id: str
     status: Literal["completed", "completed_with_errors"]
-    finalized_by: Literal["event", "sweep", "demand", "deadline"]
+    finalized_by: Trigger
     total_files: int
     files_succeeded: int
     files_failed: int
@@ -239,3 +245,53 @@ class Deliveries(BaseModel):
     batch_id: str
     attempts: list[DeliveryAttempt]
     deliveries: list[DeliveryState]
+
+
+class CancelIn(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    reason: str = Field(
+        min_length=1,
+        max_length=REASON_MAX_CHARS,
+        pattern=REASON,
+        description="Why: kept in the batch's audit.",
+    )
+
+
+class RetryIn(CancelIn):
+    batch_id: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=ID_MAX_CHARS,
+        pattern=BATCH_ID,
+        description="The new batch's id; repeating the retry with it creates nothing more.",
+    )
+
+
+class AuditEntry(BaseModel):
+    action: Literal["cancel", "retry_failed"]
+    reason: str
+    actor: str = Field(description="The API token's name, or the CLI's --actor.")
+    detail: dict[str, Any]
+    at: dt.datetime
+
+
+class Audit(BaseModel):
+    batch_id: str
+    items: list[AuditEntry]
+
+
+class DeadLetter(BaseModel):
+    id: str = Field(description="The dead-letter stream entry's id.")
+    at: dt.datetime
+    reason: str
+    batch_id: str | None
+    file_id: str | None
+    original_id: str | None
+    job: str = Field(description="The original job's text, cut to its first characters.")
+    job_chars: int = Field(description="The original job's full length.")
+
+
+class DeadLetters(BaseModel):
+    items: list[DeadLetter]
+    next: str | None = Field(description="Pass as `after` for the next page; null at the end.")

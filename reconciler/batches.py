@@ -144,16 +144,16 @@ async def progress(db: Database, batch_id: str) -> dict[str, Any]:
     row = await db.fetchrow("get_progress", batch_id)
     if row is None:
         raise BatchNotFound(f"no batch {batch_id!r}")
-    return _jsonable(row)
+    return jsonable(row)
 
 
 async def summary(db: Database, batch_id: str) -> dict[str, Any] | None:
     row = await db.fetchrow("get_summary", batch_id)
-    return None if row is None else _jsonable(row)
+    return None if row is None else jsonable(row)
 
 
 async def stuck(db: Database, grace_s: float, limit: int = 1000) -> list[dict[str, Any]]:
-    return [_jsonable(r) for r in await db.fetch("stuck_batches", grace_s, limit)]
+    return [jsonable(r) for r in await db.fetch("stuck_batches", grace_s, limit)]
 
 
 async def page(
@@ -166,7 +166,7 @@ async def page(
     limit: int,
 ) -> list[dict[str, Any]]:
     rows = await db.fetch("list_batches", status, stuck_only, grace_s, before, limit)
-    return [_jsonable(r) for r in rows]
+    return [jsonable(r) for r in rows]
 
 
 async def explain(db: Database, batch_id: str, grace_s: float) -> dict[str, Any]:
@@ -180,7 +180,7 @@ async def explain(db: Database, batch_id: str, grace_s: float) -> dict[str, Any]
         "finalized_by": batch["finalized_by"],
         "verdict": _verdict(batch, conditions),
         "conditions": conditions,
-        "blocking_files": [_jsonable(r) for r in blocking],
+        "blocking_files": [jsonable(r) for r in blocking],
     }
 
 
@@ -222,7 +222,7 @@ def _verdict(batch: dict[str, Any], conditions: list[dict[str, Any]]) -> str:
     return f"waiting for {waiting} file(s) to finish"
 
 
-def _jsonable(row: Row) -> dict[str, Any]:
+def jsonable(row: Row) -> dict[str, Any]:
     return {key: _plain(value) for key, value in row.items()}
 
 

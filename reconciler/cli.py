@@ -17,7 +17,7 @@ from typing import Any, Final
 import anyio
 import structlog
 
-from reconciler import batches, delivery, demo, logs, migrations, webhooks
+from reconciler import batches, delivery, demo, logs, migrations, operator_cli, webhooks
 from reconciler.app import Ports, Role, open_ports, run_service
 from reconciler.client import Client, files_from_paths
 from reconciler.config import Settings, redact_url
@@ -72,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     deliveries = sub.add_parser("deliveries", help="every delivery attempt of a batch's events")
     deliveries.add_argument("batch_id")
     deliveries.add_argument("--json", action="store_true")
+    operator_cli.add_commands(sub)
     demo.add_arguments(sub.add_parser("demo", help="zero-setup end-to-end run"))
     return parser
 
@@ -145,6 +146,10 @@ async def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         "stuck": _stuck,
         "webhooks": _webhooks,
         "deliveries": _deliveries,
+        "cancel": operator_cli.cancel,
+        "retry-failed": operator_cli.retry_failed,
+        "audit": operator_cli.audit,
+        "dead-letters": operator_cli.list_dead_letters,
         "demo": demo.run_demo,
     }
     return await commands[args.command](args, settings)

@@ -29,6 +29,7 @@ MAX_ATTEMPTS: Final = 3
 FILE_TIMEOUT_S: Final = 300.0
 DRAIN_TIMEOUT_S: Final = 25.0
 LOG_FORMAT: Final = "json"
+API_TOKEN_NAME: Final = "api"  # who the audit says acted through the token
 FLUSH_INTERVAL_S: Final = 0.005
 FLUSH_MAX_FILES: Final = 512
 STATS_INTERVAL_S: Final = 5.0
@@ -60,6 +61,7 @@ class Settings:
     file_timeout_s: float = FILE_TIMEOUT_S
     drain_timeout_s: float = DRAIN_TIMEOUT_S
     api_token: str | None = None
+    api_token_name: str = API_TOKEN_NAME
     log_format: str = LOG_FORMAT
     flush_interval_s: float = FLUSH_INTERVAL_S
     flush_max_files: int = FLUSH_MAX_FILES
@@ -92,6 +94,8 @@ class Settings:
             raise ConfigError(
                 f"RECONCILER_NAMESPACE: {self.namespace!r} is not 1-64 of [A-Za-z0-9_.:-]"
             )
+        if self.api_token and self.api_token in self.api_token_name:
+            raise ConfigError("RECONCILER_API_TOKEN_NAME: must not contain the token itself")
         return self
 
     def __repr__(self) -> str:
@@ -194,6 +198,7 @@ _PARSERS: Final[dict[str, Callable[[str, str], Any]]] = {
     "file_timeout_s": _positive_float,
     "drain_timeout_s": _non_negative_float,
     "api_token": _text,
+    "api_token_name": _text,
     "log_format": _choice("json", "console"),
     "flush_interval_s": _non_negative_float,
     "flush_max_files": _positive_int,

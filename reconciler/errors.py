@@ -65,3 +65,18 @@ class InvalidWebhook(TerminalError):
 
 class WebhookNotFound(TerminalError):
     """No webhook subscription with this id."""
+
+
+class ActionRefused(TerminalError):
+    """An operator action the batch's state does not allow (already finalized, nothing
+    failed, not finalized yet); the message says which."""
+
+
+class MisconfiguredDependency(RetryableError):
+    """Postgres or Redis refuses us for a reason a person must fix (a wrong password, TLS
+    against a plain port). Still retried, since the fix may land on the server's side;
+    `cause` names it ("authentication", "tls") and the message says what to check."""
+
+    def __init__(self, message: str, cause: str) -> None:
+        super().__init__(message)
+        self.cause = cause

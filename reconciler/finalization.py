@@ -2,7 +2,8 @@
 
 `finalize` re-reads the batch under a transaction-level advisory lock and decides; the
 trigger that woke it (event, sweep, demand, deadline) is only a label. The finalizer
-actor, the sweeper, the HTTP API and submission all call it.
+actor, the sweeper, the HTTP API and submission all call it. An operator's cancel
+(`finalize_now`) goes through the same decision, inside the caller's transaction.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ class Trigger(enum.StrEnum):
     SWEEP = "sweep"
     DEMAND = "demand"
     DEADLINE = "deadline"
+    OPERATOR = "operator"
 
 
 class Outcome(enum.StrEnum):
@@ -57,8 +59,16 @@ async def finalize(db: Database, batch_id: str, trigger: str) -> FinalizeResult:
     except RetryableError:
         metrics.FINALIZATIONS.labels(trigger, "error").inc()
         raise
-    _observe(result)
+    observe(result)
     return result
+
+
+async def finalize_now(tx: Session, batch_id: str) -> FinalizeResult:
+    """An operator's cancel, in the caller's transaction: waits for the batch's lock,
+    fails its unfinished files as cancelled and finalizes it. Call `observe` after commit.
+    """
+    await tx.fetchval("lock_batch", batch_id)
+    return await _decide(tx, batch_id, Trigger.OPERATOR)
 
 
 async def _decide(tx: Session, batch_id: str, trigger: str) -> FinalizeResult:
@@ -71,8 +81,9 @@ async def _decide(tx: Session, batch_id: str, trigger: str) -> FinalizeResult:
         return FinalizeResult(Outcome.ALREADY_FINALIZED, batch_id, trigger, batch["status"])
     failed = batch["files_failed"]
     remaining = batch["total_files"] - batch["files_succeeded"] - failed
-    if remaining and batch["deadline_passed"]:
-        row = await tx.fetchrow("fail_remaining_files", batch_id, reasons.TIMED_OUT)
+    fail_reason = _fail_reason(batch, trigger)
+    if remaining and fail_reason:
+        row = await tx.fetchrow("fail_remaining_files", batch_id, fail_reason)
         failed, remaining = row["files_failed"] if row else failed, 0
     log.info(
         "finalization_conditions_checked",
@@ -85,6 +96,13 @@ async def _decide(tx: Session, batch_id: str, trigger: str) -> FinalizeResult:
     return await _write(tx, batch, status, trigger)
 
 
+def _fail_reason(batch: Row, trigger: str) -> str | None:
+    """Why unfinished files fail now, if they do: a cancel, or the deadline passed."""
+    if trigger == Trigger.OPERATOR:
+        return reasons.CANCELLED
+    return reasons.TIMED_OUT if batch["deadline_passed"] else None
+
+
 async def _write(tx: Session, batch: Row, status: str, trigger: str) -> FinalizeResult:
     batch_id = batch["batch_id"]
     log.info("aggregation_started", batch_id=batch_id, trigger=trigger)
@@ -94,7 +112,8 @@ async def _write(tx: Session, batch: Row, status: str, trigger: str) -> Finalize
     return FinalizeResult(Outcome.FINALIZED, batch_id, trigger, status, latency_s)
 
 
-def _observe(result: FinalizeResult) -> None:
+def observe(result: FinalizeResult) -> None:
+    """Counts a finalization's outcome; logs and times it when it finalized."""
     metrics.FINALIZATIONS.labels(result.trigger, result.outcome.value).inc()
     if result.outcome is Outcome.FINALIZED:
         metrics.FINALIZATION_LATENCY.labels(result.trigger).observe(result.latency_s or 0.0)

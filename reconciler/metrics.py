@@ -10,7 +10,8 @@ from typing import Final
 
 from prometheus_client import Counter, Gauge, Histogram
 
-TRIGGERS: Final = ("event", "sweep", "demand", "deadline")
+TRIGGERS: Final = ("event", "sweep", "demand", "deadline", "operator")
+OPERATOR_ACTION_NAMES: Final = ("cancel", "retry_failed")
 DEAD_LETTER_REASONS: Final = ("malformed", "unknown_batch")
 ACTORS: Final = ("consumer", "detector", "finalizer", "sweeper", "monitor", "delivery", "api")
 SINKS: Final = ("webhook", "hook")
@@ -86,6 +87,12 @@ OLDEST_UNDELIVERED_AGE: Final = Gauge(
     "Age of the oldest event not yet delivered to one of its sinks, 0 when none.",
 )
 
+OPERATOR_ACTIONS: Final = Counter(
+    "reconciler_operator_actions",
+    "Operator actions that took effect (cancel, retry_failed), each with an audit row.",
+    ["action"],
+)
+
 
 def preinitialize() -> None:
     """Exports every label combination at zero so dashboards and rates start at once."""
@@ -103,6 +110,8 @@ def preinitialize() -> None:
         JOBS_DEAD_LETTERED.labels(reason)
     for actor in ACTORS:
         ACTOR_RESTARTS.labels(actor)
+    for action in OPERATOR_ACTION_NAMES:
+        OPERATOR_ACTIONS.labels(action)
     for sink in SINKS:
         DELIVERY_LATENCY.labels(sink)
         for outcome in DELIVERY_OUTCOMES:

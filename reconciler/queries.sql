@@ -78,6 +78,7 @@ SET lease_expires_at = now() + make_interval(secs => $2::double precision)
 WHERE status = 'processing' AND worker = $1;
 
 -- name: try_lock_batch
+-- Takes batch $1's advisory lock if free, held to commit: one finalizer at a time.
 SELECT pg_try_advisory_xact_lock(hashtextextended('reconciler.batch:' || $1, 0));
 
 -- name: batch_for_update
@@ -87,6 +88,7 @@ SELECT batch_id, run_id, status, total_files, files_succeeded, files_failed,
 FROM batches WHERE batch_id = $1 FOR UPDATE;
 
 -- name: fail_remaining_files
+-- Fails every unfinished file of batch $1 with reason $2 (deadline, cancel); moves counts.
 WITH failed AS (
     UPDATE batch_files
     SET status = 'failed', error = $2, finished_at = now(), lease_expires_at = NULL,
@@ -179,9 +181,11 @@ SELECT batch_id, run_id, status, finalized_by, total_files, files_succeeded, fil
 FROM run_summaries WHERE batch_id = $1;
 
 -- name: get_progress
+-- Batch $1's progress: file counts by state, timestamps, how and by what it finalized.
 SELECT s.batch_id, s.run_id, s.status, s.total_files, s.files_pending, s.files_processing,
        s.files_success AS files_succeeded, s.files_failed, s.created_at,
-       s.last_file_completed_at, s.completed_at, s.finalized_by, b.deadline_at, b.metadata
+       s.last_file_completed_at, s.completed_at, s.finalized_by, b.deadline_at, b.metadata,
+       b.parent_batch_id
 FROM batch_status_summary s JOIN batches b USING (batch_id)
 WHERE s.batch_id = $1;
 
@@ -464,3 +468,40 @@ ORDER BY d.delivery_id;
 -- A stop cut attempt $2 of delivery $1 short: due again at once, for any replica.
 UPDATE deliveries SET next_attempt_at = now(), claimed_by = NULL
 WHERE delivery_id = $1 AND attempts = $2 AND state = 'pending';
+
+-- name: lock_batch
+-- Waits for batch $1's advisory lock (the one finalization tries), held to commit.
+SELECT pg_advisory_xact_lock(hashtextextended('reconciler.batch:' || $1, 0));
+
+-- name: insert_operator_action
+-- The audit row of an operator action: $1 batch, $2 action, $3 reason, $4 actor,
+-- $5 what came of it (json).
+INSERT INTO operator_actions (batch_id, action, reason, actor, detail)
+VALUES ($1, $2, $3, $4, $5)
+RETURNING action, reason, actor, detail, at;
+
+-- name: batch_audit
+-- Every operator action on batch $1, oldest first.
+SELECT action, reason, actor, detail, at
+FROM operator_actions WHERE batch_id = $1
+ORDER BY at, action_id;
+
+-- name: failed_files
+-- The failed files of batch $1 with their payloads as submitted, in key order.
+SELECT file_id, uri, payload::text AS payload
+FROM batch_files WHERE batch_id = $1 AND status = 'failed'
+ORDER BY file_id;
+
+-- name: copy_failed_files
+-- A retry: the failed files of batch $1 as pending files of batch $2, payloads verbatim.
+INSERT INTO batch_files (batch_id, file_id, uri, payload, enqueued_at)
+SELECT $2, file_id, uri, payload, now()
+FROM batch_files WHERE batch_id = $1 AND status = 'failed';
+
+-- name: set_parent_batch
+-- Links retry batch $1 to the batch $2 whose failed files it runs again.
+UPDATE batches SET parent_batch_id = $2 WHERE batch_id = $1;
+
+-- name: batch_lineage
+-- Batch $1's parent and files digest: tells a repeated retry from a conflicting id.
+SELECT parent_batch_id, files_digest FROM batches WHERE batch_id = $1;

@@ -19,12 +19,21 @@ from typing import Any, Final
 import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
 
-from reconciler.errors import RetryableError, TerminalError
+from reconciler.errors import MisconfiguredDependency, RetryableError, TerminalError
 
 DEAD_LETTER_MAX_LEN: Final = 100_000
 SOCKET_TIMEOUT_S: Final = 10.0
 CONNECT_TIMEOUT_S: Final = 5.0
 HEALTH_CHECK_INTERVAL_S: Final = 15
+AUTH_HINT: Final = (
+    "redis: authentication failed ({}): check the user name and password in"
+    " RECONCILER_REDIS_URL (redis://user:password@host:port/db)"
+)
+TLS_HINT: Final = (
+    "redis: {} over TLS: RECONCILER_REDIS_URL is rediss:// but the server did not answer"
+    " the TLS handshake, so it most likely does not speak TLS on that port; use redis://"
+    " for a plain port, or the port where the server listens for TLS"
+)
 # Server states that pass: out of memory, loading, failing over, a replica read-only.
 _RETRYABLE_REPLIES: Final = (
     redis_errors.OutOfMemoryError,
@@ -75,11 +84,18 @@ class Delivery:
 
 
 @asynccontextmanager
-async def translated() -> AsyncIterator[None]:
-    """Turns redis exceptions into the service's own, without connection details."""
+async def translated(tls: bool = False) -> AsyncIterator[None]:
+    """Turns redis exceptions into the service's own, without connection details.
+
+    `tls`: the URL is rediss://, so a connect that times out names TLS as the likely cause.
+    """
     try:
         yield
+    except redis_errors.AuthenticationError as exc:
+        raise MisconfiguredDependency(AUTH_HINT.format(exc), "authentication") from exc
     except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
+        if tls and _connect_timed_out(exc):
+            raise MisconfiguredDependency(TLS_HINT.format(exc), "tls") from exc
         raise RetryableError(f"redis: {type(exc).__name__}: {exc}") from exc
     except RuntimeError as exc:
         # uvloop reports a write to a connection the peer already reset this way.
@@ -92,6 +108,10 @@ async def translated() -> AsyncIterator[None]:
         raise TerminalError(f"redis: {type(exc).__name__}: {exc}") from exc
 
 
+def _connect_timed_out(exc: BaseException) -> bool:
+    return isinstance(exc, redis_errors.TimeoutError | TimeoutError) and "connect" in str(exc)
+
+
 def _is_missing_group(exc: redis_errors.ResponseError) -> bool:
     return str(exc).startswith("NOGROUP")
 
@@ -99,8 +119,9 @@ def _is_missing_group(exc: redis_errors.ResponseError) -> bool:
 class JobQueue:
     """Jobs for one namespace: `{ns}:jobs`, group `{ns}:workers`, `{ns}:dead`."""
 
-    def __init__(self, client: aioredis.Redis, namespace: str) -> None:
+    def __init__(self, client: aioredis.Redis, namespace: str, tls: bool = False) -> None:
         self._redis = client
+        self._tls = tls
         self.stream = f"{namespace}:jobs"
         self.group = f"{namespace}:workers"
         self.dead = f"{namespace}:dead"
@@ -117,18 +138,18 @@ class JobQueue:
             socket_connect_timeout=CONNECT_TIMEOUT_S,
             health_check_interval=HEALTH_CHECK_INTERVAL_S,
         )
-        return cls(client, namespace)
+        return cls(client, namespace, tls=url.startswith("rediss:"))
 
     async def close(self) -> None:
         await self._redis.aclose()
 
     async def ping(self) -> None:
-        async with translated():
+        async with translated(self._tls):
             await self._redis.ping()
 
     async def ensure_group(self) -> None:
         """Creates the stream and group if missing (first start, or Redis lost them)."""
-        async with translated():
+        async with translated(self._tls):
             try:
                 await self._redis.xgroup_create(self.stream, self.group, id="0", mkstream=True)
             except redis_errors.ResponseError as exc:
@@ -137,7 +158,7 @@ class JobQueue:
 
     async def enqueue(self, entries: Sequence[dict[str, str]], members: Sequence[str]) -> list[str]:
         """Appends jobs and marks their files queued, atomically; returns the stream ids."""
-        async with translated():
+        async with translated(self._tls):
             pipe = self._redis.pipeline(transaction=True)
             for fields in entries:
                 pipe.xadd(self.stream, fields)  # type: ignore[arg-type]
@@ -195,7 +216,7 @@ class JobQueue:
         """Acknowledges and deletes done jobs, and unmarks their files, in one round trip."""
         if not ids:
             return
-        async with translated():
+        async with translated(self._tls):
             pipe = self._redis.pipeline(transaction=True)
             pipe.xack(self.stream, self.group, *ids)
             pipe.xdel(self.stream, *ids)
@@ -215,20 +236,20 @@ class JobQueue:
     async def prune_consumers(self, min_idle_ms: int, only: str | None = None) -> list[str]:
         """Removes consumers idle this long with nothing pending; returns their names."""
         args: list[str | int] = [self.group, min_idle_ms, only or ""]
-        async with translated():
+        async with translated(self._tls):
             removed: list[bytes] = await self._prune(keys=[self.stream], args=args)
         return [name.decode() for name in removed]
 
     async def take_recovery(self) -> bool:
         """True for one caller after Redis lost the namespace (or on first use)."""
-        async with translated():
+        async with translated(self._tls):
             return bool(await self._redis.set(self.intact, "1", nx=True))
 
     async def missing(self, members: Sequence[str]) -> set[str]:
         """Which of these files have no job on the stream (all, if the stream is gone)."""
         if not members:
             return set()
-        async with translated():
+        async with translated(self._tls):
             pipe = self._redis.pipeline(transaction=True)
             pipe.exists(self.stream)
             pipe.smismember(self.queued, list(members))
@@ -239,17 +260,19 @@ class JobQueue:
 
     async def length(self) -> int:
         """Jobs on the stream: waiting plus in flight (done ones are deleted)."""
-        async with translated():
+        async with translated(self._tls):
             return int(await self._redis.xlen(self.stream))
 
-    async def dead_letters(self, count: int = 100) -> list[Delivery]:
-        async with translated():
-            reply: Any = await self._redis.xrange(self.dead, count=count)
+    async def dead_letters(self, count: int = 100, after: str | None = None) -> list[Delivery]:
+        """Dead letters oldest first, at most `count`, only those after entry `after`."""
+        start = "-" if after is None else f"({after}"
+        async with translated(self._tls):
+            reply: Any = await self._redis.xrange(self.dead, min=start, count=count)
         return [Delivery(i.decode(), f) for i, f in reply]
 
     async def _group_call(self, method: Any, *args: Any, **kwargs: Any) -> Any:
         """Calls a group command; recreates the group once if Redis lost it."""
-        async with translated():
+        async with translated(self._tls):
             try:
                 return await method(*args, **kwargs)
             except redis_errors.ResponseError as exc:

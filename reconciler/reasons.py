@@ -17,3 +17,5 @@ LAST_ATTEMPT_LOST: Final = "the worker died while running the file's last attemp
 UNDECODABLE: Final = "job could not be decoded: "
 # The handler returned, but Postgres refused its result; the detail follows.
 UNSTORABLE: Final = "the handler's outcome could not be stored: "
+# An operator cancelled the batch before the file finished.
+CANCELLED: Final = "cancelled: an operator cancelled the batch before this file finished"

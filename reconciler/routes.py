@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import datetime as dt
 import hmac
-import time
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Annotated, Any, Final, Literal
 
@@ -23,7 +21,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from reconciler import batches, delivery_routes, migrations
+from reconciler import batches, delivery_routes, migrations, operator_routes
 from reconciler.api_models import (
     ID_MAX_CHARS,
     NO_NUL,
@@ -41,11 +39,13 @@ from reconciler.errors import (
     BatchConflict,
     BatchNotFound,
     InvalidBatch,
+    MisconfiguredDependency,
     RetryableError,
     TerminalError,
 )
 from reconciler.finalization import Outcome, finalize
 from reconciler.queue import JobQueue
+from reconciler.summary_cache import SummaryCache
 from reconciler.supervisor import Health
 
 log = structlog.get_logger("reconciler.api")
@@ -54,8 +54,6 @@ RETRY_AFTER_S: Final = 2
 PROBE_TIMEOUT_S: Final = 2.0
 PAGE_SIZE: Final = 50
 MAX_PAGE_SIZE: Final = 500
-SUMMARY_CACHE_ENTRIES: Final = 10_000
-SUMMARY_CACHE_TTL_S: Final = 600.0
 
 BatchId = Annotated[
     str,
@@ -97,32 +95,6 @@ class Context:
     stop: anyio.Event
 
 
-class SummaryCache:
-    """The encoded answers of recently read finalized summaries, which never change.
-
-    Bounded (least recently used go first) and aged out, so a batch deleted by an
-    operator and submitted again under the same id is not answered from memory forever.
-    """
-
-    def __init__(self, entries: int = SUMMARY_CACHE_ENTRIES, ttl_s: float = SUMMARY_CACHE_TTL_S):
-        self._entries = entries
-        self._ttl_s = ttl_s
-        self._items: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
-
-    def get(self, batch_id: str) -> bytes | None:
-        item = self._items.get(batch_id)
-        if item is None or item[0] < time.monotonic():
-            return None
-        self._items.move_to_end(batch_id)
-        return item[1]
-
-    def put(self, batch_id: str, body: bytes) -> None:
-        self._items[batch_id] = (time.monotonic() + self._ttl_s, body)
-        self._items.move_to_end(batch_id)
-        while len(self._items) > self._entries:
-            self._items.popitem(last=False)
-
-
 def error(status: int, message: str, detail: Any = None, **headers: str) -> JSONResponse:
     return JSONResponse({"error": message, "detail": detail}, status_code=status, headers=headers)
 
@@ -140,6 +112,7 @@ def create_app(ctx: Context, *, batches_api: bool = True) -> FastAPI:
     if batches_api:
         _install_batches(app, ctx)
         delivery_routes.install(app, ctx, *_auth(ctx), plain=[_only_query()])
+        operator_routes.install(app, ctx, *_auth(ctx), only_query=_only_query)
     _install_probes(app, ctx)
     return app
 
@@ -379,8 +352,8 @@ async def _check_postgres(ctx: Context, problems: dict[str, str]) -> None:
         try:
             if await migrations.pending(ctx.db):
                 problems["schema"] = "migrations pending: run `reconciler migrate`"
-        except RetryableError:
-            problems["postgres"] = "unreachable"
+        except RetryableError as exc:
+            problems["postgres"] = _unreachable(exc)
         except TerminalError as exc:
             problems["postgres"] = f"failing: {exc}"
     if scope.cancelled_caught:
@@ -391,9 +364,14 @@ async def _check_redis(ctx: Context, problems: dict[str, str]) -> None:
     with anyio.move_on_after(PROBE_TIMEOUT_S) as scope:
         try:
             await ctx.queue.ping()
-        except RetryableError:
-            problems["redis"] = "unreachable"
+        except RetryableError as exc:
+            problems["redis"] = _unreachable(exc)
         except TerminalError as exc:
             problems["redis"] = f"failing: {exc}"
     if scope.cancelled_caught:
         problems["redis"] = "timed out"
+
+
+def _unreachable(exc: RetryableError) -> str:
+    """What readiness says of a dependency that does not answer: what to fix, if known."""
+    return str(exc) if isinstance(exc, MisconfiguredDependency) else "unreachable"

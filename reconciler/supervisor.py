@@ -13,7 +13,7 @@ import anyio
 import structlog
 
 from reconciler import metrics
-from reconciler.errors import RetryableError
+from reconciler.errors import MisconfiguredDependency, RetryableError
 
 log = structlog.get_logger("reconciler.supervisor")
 
@@ -41,6 +41,25 @@ class Health:
         return all(self.running.values())
 
 
+def diagnosed(exc: BaseException) -> MisconfiguredDependency | None:
+    """The misconfiguration behind an error (or a task group's first), if one is named."""
+    if isinstance(exc, BaseExceptionGroup):
+        matched, _ = exc.split(MisconfiguredDependency)
+        return None if matched is None else diagnosed(matched.exceptions[0])
+    return exc if isinstance(exc, MisconfiguredDependency) else None
+
+
+def _log_restart(name: str, exc: Exception, retryable: bool, delay: float) -> None:
+    """One line per backoff step: what a person must fix when a cause is known."""
+    found = diagnosed(exc)
+    if found is not None:
+        fields = {"cause": found.cause, "error": str(found), "restart_in_s": delay}
+        log.warning("actor_waiting_for_dependency", actor=name, **fields)
+        return
+    fields = {"error": str(exc), "restart_in_s": delay, "exc_info": not retryable}
+    log.error("actor_crashed", actor=name, **fields)
+
+
 def is_retryable(exc: BaseException) -> bool:
     """A RetryableError, or a task group's error made only of them."""
     if isinstance(exc, BaseExceptionGroup):
@@ -64,10 +83,7 @@ async def supervise(actor: Actor, health: Health) -> None:
             metrics.ACTOR_RESTARTS.labels(actor.name).inc()
             if time.monotonic() - started > HEALTHY_RUN_S:
                 delay = RESTART_DELAY_S
-            log.error(
-                "actor_crashed",
-                actor=actor.name, error=str(exc), restart_in_s=delay, exc_info=not retryable,
-            )  # fmt: skip
+            _log_restart(actor.name, exc, retryable, delay)
             await anyio.sleep(delay)
             delay = min(delay * 2, RETRYABLE_MAX_DELAY_S if retryable else RESTART_MAX_DELAY_S)
             continue

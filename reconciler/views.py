@@ -149,3 +149,34 @@ def print_deliveries(found: dict[str, Any], *, as_json: bool = False) -> None:
         status = "" if a["status_code"] is None else str(a["status_code"])
         attempts.add_row(a["at"], sink, str(a["attempt"]), a["outcome"], status, a["error"] or "")
     _console.print(attempts)
+
+
+def print_audit(batch_id: str, items: list[dict[str, Any]], *, as_json: bool = False) -> None:
+    """One line per operator action on the batch: when, what, who and why."""
+    if as_json:
+        _json({"batch_id": batch_id, "items": items})
+        return
+    table = Table(title=f"operator actions on {batch_id}")
+    for column in ("at", "action", "actor", "reason", "detail"):
+        table.add_column(column)
+    for item in items:
+        detail = json.dumps(item["detail"], sort_keys=True)
+        table.add_row(item["at"], item["action"], item["actor"], item["reason"], detail)
+    _console.print(table)
+
+
+def print_dead_letters(page: dict[str, Any], *, as_json: bool = False) -> None:
+    """One line per dead letter: when, why, which file, the start of its job."""
+    if as_json:
+        _json(page)
+        return
+    table = Table(title="dead letters")
+    for column in ("id", "at", "reason", "batch", "file", "job"):
+        table.add_column(column)
+    for item in page["items"]:
+        job = f"{item['job']} ({item['job_chars']} chars)"
+        ids = (item["batch_id"] or "", item["file_id"] or "")
+        table.add_row(item["id"], item["at"], item["reason"], *ids, job)
+    _console.print(table)
+    if page["next"]:
+        print(f"more: reconciler dead-letters --after {page['next']}")

@@ -134,6 +134,8 @@ class Consumer:
         self._scope = anyio.CancelScope()
 
     async def run(self) -> None:
+        if self._stop.is_set():  # stopped between two runs: a fresh run has nothing to drain
+            return
         await self._queue.ensure_group()
         # A fresh name per run: leases a crashed run held are renewed by nobody, so
         # they expire and are claimed back instead of being kept alive forever.

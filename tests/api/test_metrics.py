@@ -31,6 +31,7 @@ CONTRACT_METRICS = {
     "reconciler_deliveries": ("counter", {"sink", "outcome"}),
     "reconciler_delivery_latency_seconds": ("histogram", {"sink"}),
     "reconciler_oldest_undelivered_event_age_seconds": ("gauge", set()),
+    "reconciler_operator_actions": ("counter", {"action"}),
 }
 PROCESS_METRICS = {"process_cpu_seconds_total", "process_resident_memory_bytes"}
 
@@ -61,7 +62,9 @@ async def test_every_contract_metric_is_exported_with_its_labels(
     outcomes = {s.labels["outcome"] for s in families["reconciler_files_processed"].samples}
     assert outcomes == {"succeeded", "failed", "retried"}
     triggers = {s.labels["trigger"] for s in families["reconciler_finalizations"].samples}
-    assert triggers == {"event", "sweep", "demand", "deadline"}
+    assert triggers == {"event", "sweep", "demand", "deadline", "operator"}
+    actions = {s.labels["action"] for s in families["reconciler_operator_actions"].samples}
+    assert actions >= {"cancel", "retry_failed"}
     exported = {s.name for family in families.values() for s in family.samples}
     assert PROCESS_METRICS <= exported
 

@@ -7,7 +7,7 @@ import httpx
 
 from reconciler.app import Ports, Role
 from reconciler.config import Settings
-from reconciler.routes import SummaryCache
+from reconciler.summary_cache import SummaryCache
 from tests.api.served import assert_error, body, serving
 from tests.helpers import files, record, sql, wait_for
 

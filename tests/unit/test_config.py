@@ -54,3 +54,12 @@ def test_redact_url_hides_only_the_password() -> None:
     """Passwords never reach logs: the URL keeps user, host and path."""
     assert redact_url("postgresql://u:s3cret@h:5432/db") == "postgresql://u:***@h:5432/db"
     assert redact_url("redis://h:6379/0") == "redis://h:6379/0"
+
+
+def test_api_token_name_never_holds_the_token() -> None:
+    """The audit actor comes from RECONCILER_API_TOKEN_NAME; a name holding the token fails."""
+    named = Settings.from_env({"RECONCILER_API_TOKEN": "t0ken", "RECONCILER_API_TOKEN_NAME": "ops"})
+    assert named.api_token_name == "ops"
+    assert Settings.from_env({}).api_token_name == "api"
+    with pytest.raises(ConfigError, match="RECONCILER_API_TOKEN_NAME"):
+        Settings.from_env({"RECONCILER_API_TOKEN": "t0ken", "RECONCILER_API_TOKEN_NAME": "x-t0ken"})
