@@ -23,7 +23,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from reconciler import batches, delivery_routes, migrations
+from reconciler import batches, delivery_routes, migrations, stream_routes
 from reconciler.api_models import (
     ID_MAX_CHARS,
     NO_NUL,
@@ -45,6 +45,7 @@ from reconciler.errors import (
     TerminalError,
 )
 from reconciler.finalization import Outcome, finalize
+from reconciler.notifications import Notifications
 from reconciler.queue import JobQueue
 from reconciler.supervisor import Health
 
@@ -95,6 +96,7 @@ class Context:
     queue: JobQueue
     health: Health
     stop: anyio.Event
+    notifications: Notifications
 
 
 class SummaryCache:
@@ -140,6 +142,7 @@ def create_app(ctx: Context, *, batches_api: bool = True) -> FastAPI:
     if batches_api:
         _install_batches(app, ctx)
         delivery_routes.install(app, ctx, *_auth(ctx), plain=[_only_query()])
+        stream_routes.install(app, ctx, [_only_query()], [_only_query("progress")])
     _install_probes(app, ctx)
     return app
 
