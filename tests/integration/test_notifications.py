@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -156,5 +157,5 @@ async def watched_all(ports: Ports) -> bool:
     return ports.notifications.watchers(Kind.FINALIZED) > 0
 
 
-async def _received(received: list[object], count: int) -> bool:
+async def _received(received: Sequence[object], count: int) -> bool:
     return len(received) >= count
