@@ -29,6 +29,7 @@ from tests.receiver import always, receiving
 
 ROUNDS = 5
 WAIT_BOUND_S = 0.3  # Client.wait's own re-check is 1 s: only a notification is faster
+CLI_BOUND_S = 0.6  # the CLI also closes its pool and Redis client before printing
 DELIVERY_POLL_S = 30.0
 
 
@@ -115,10 +116,11 @@ async def test_submit_wait_returns_at_finalization(
         committed = await finalized_at(ports, "cli")
         with anyio.fail_after(10):
             summary = await process.stdout.receive()
-        latency_s = time.perf_counter() - committed
+            latency_s = time.perf_counter() - committed
+            summary += b"".join([chunk async for chunk in process.stdout])
         assert await process.wait() == 0
     print(f"submit --wait printed the summary {latency_s * 1000:.1f} ms after commit")
-    assert b"completed" in summary and latency_s < WAIT_BOUND_S
+    assert b"completed" in summary and latency_s < CLI_BOUND_S
 
 
 async def _cli_listening(settings: Settings) -> bool:
