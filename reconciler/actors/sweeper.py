@@ -11,16 +11,16 @@ tables hold.
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Final
 
 import anyio
 import structlog
 
-from reconciler import jobs, metrics, reasons
+from reconciler import metrics, reasons, requeue
 from reconciler.config import Settings
-from reconciler.database import Database, Row
+from reconciler.database import Database
 from reconciler.errors import RetryableError
 from reconciler.execution import Attempted, outcome_columns
 from reconciler.finalization import Outcome, Trigger, finalize
@@ -121,33 +121,16 @@ class Sweeper:
             return await self._requeue_unfinished()
         grace = max(self._settings.visibility_timeout_s, self._settings.stuck_grace_s)
         rows = await self._db.fetch("claim_unqueued_files", grace, SWEEP_BATCH_LIMIT)
-        return await self._enqueue_missing(rows)
+        return await requeue.enqueue_missing(self._queue, rows)
 
     async def _requeue_unfinished(self) -> int:
         requeued, after = 0, ("", "")
         while rows := await self._db.fetch("unfinished_files", *after, SWEEP_BATCH_LIMIT):
-            requeued += await self._enqueue_missing(rows)
+            requeued += await requeue.enqueue_missing(self._queue, rows)
             after = (rows[-1]["batch_id"], rows[-1]["file_id"])
         if requeued:
             log.warning("redis_data_lost_requeued", files=requeued)
         return requeued
-
-    async def _enqueue_missing(self, rows: Sequence[Row]) -> int:
-        """Enqueues the jobs of these files that are not on the stream, as submitted."""
-        if not rows:
-            return 0
-        members = [jobs.member(r["batch_id"], r["file_id"]) for r in rows]
-        gone = await self._queue.missing(members)
-        lost = [(r, m) for r, m in zip(rows, members, strict=True) if m in gone]
-        if lost:
-            entries = [
-                jobs.encode_text(r["batch_id"], r["file_id"], r["uri"], r["payload"])
-                for r, _ in lost
-            ]
-            await self._queue.enqueue(entries, [m for _, m in lost])
-        for row, _ in lost:
-            log.info("file_requeued", batch_id=row["batch_id"], file_id=row["file_id"])
-        return len(lost)
 
     async def _prune_consumers(self) -> int:
         """Removes consumers of stopped processes: idle past the lease, nothing pending."""
