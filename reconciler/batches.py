@@ -207,7 +207,7 @@ async def enqueue_committed(db: Database, queue: JobQueue, batch_id: str) -> int
         return 0
     enqueued, after = 0, ""
     while rows := await db.fetch("claim_batch_unqueued_files", batch_id, after, CHUNK_FILES):
-        enqueued += await requeue.enqueue_missing(queue, rows)
+        enqueued += len(await requeue.enqueue_missing(queue, rows))
         after = max(r["file_id"] for r in rows)
     if enqueued:
         log.info("batch_enqueued", batch_id=batch_id, files=enqueued)

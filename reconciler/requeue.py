@@ -8,22 +8,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import structlog
-
 from reconciler import jobs
 from reconciler.database import Row
 from reconciler.queue import JobQueue
 
-log = structlog.get_logger("reconciler.requeue")
 
-
-async def enqueue_missing(queue: JobQueue, rows: Sequence[Row]) -> int:
-    """Enqueues the jobs of these files that are not on the stream; returns how many.
+async def enqueue_missing(queue: JobQueue, rows: Sequence[Row]) -> list[Row]:
+    """Enqueues the jobs of these files that are not on the stream; returns their rows.
 
     Each row has batch_id, file_id, uri and payload (the JSON text as submitted).
     """
     if not rows:
-        return 0
+        return []
     members = [jobs.member(r["batch_id"], r["file_id"]) for r in rows]
     gone = await queue.missing(members)
     lost = [(r, m) for r, m in zip(rows, members, strict=True) if m in gone]
@@ -32,6 +28,4 @@ async def enqueue_missing(queue: JobQueue, rows: Sequence[Row]) -> int:
             jobs.encode_text(r["batch_id"], r["file_id"], r["uri"], r["payload"]) for r, _ in lost
         ]
         await queue.enqueue(entries, [m for _, m in lost])
-    for row, _ in lost:
-        log.info("file_requeued", batch_id=row["batch_id"], file_id=row["file_id"])
-    return len(lost)
+    return [r for r, _ in lost]

@@ -11,7 +11,7 @@ tables hold.
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -20,7 +20,7 @@ import structlog
 
 from reconciler import metrics, reasons, requeue
 from reconciler.config import Settings
-from reconciler.database import Database
+from reconciler.database import Database, Row
 from reconciler.errors import RetryableError
 from reconciler.execution import Attempted, outcome_columns
 from reconciler.finalization import Outcome, Trigger, finalize
@@ -121,16 +121,22 @@ class Sweeper:
             return await self._requeue_unfinished()
         grace = max(self._settings.visibility_timeout_s, self._settings.stuck_grace_s)
         rows = await self._db.fetch("claim_unqueued_files", grace, SWEEP_BATCH_LIMIT)
-        return await requeue.enqueue_missing(self._queue, rows)
+        return await self._enqueue_missing(rows)
 
     async def _requeue_unfinished(self) -> int:
         requeued, after = 0, ("", "")
         while rows := await self._db.fetch("unfinished_files", *after, SWEEP_BATCH_LIMIT):
-            requeued += await requeue.enqueue_missing(self._queue, rows)
+            requeued += await self._enqueue_missing(rows)
             after = (rows[-1]["batch_id"], rows[-1]["file_id"])
         if requeued:
             log.warning("redis_data_lost_requeued", files=requeued)
         return requeued
+
+    async def _enqueue_missing(self, rows: Sequence[Row]) -> int:
+        enqueued = await requeue.enqueue_missing(self._queue, rows)
+        for row in enqueued:
+            log.info("file_requeued", batch_id=row["batch_id"], file_id=row["file_id"])
+        return len(enqueued)
 
     async def _prune_consumers(self) -> int:
         """Removes consumers of stopped processes: idle past the lease, nothing pending."""
