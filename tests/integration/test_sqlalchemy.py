@@ -19,7 +19,7 @@ from reconciler.actors.sweeper import Sweeper
 from reconciler.app import Ports, Role
 from reconciler.client import Client
 from reconciler.config import Settings
-from reconciler.errors import BatchConflict, BatchNotFound
+from reconciler.errors import BatchConflict, BatchNotFound, RetryableError
 from tests.helpers import files, running, sql, submit, summary_of, wait_for
 
 ORDERS = "CREATE TABLE orders (order_id text PRIMARY KEY, batch_id text NOT NULL)"
@@ -101,6 +101,35 @@ async def test_async_commit_then_enqueue_finalizes(
     assert (summary["status"], summary["files_succeeded"]) == ("completed", 4)
     assert summary["totals"]["attempt"] == 4, "each file ran once"
     assert (await client.progress("b-async"))["metadata"] == {"order": "o-2"}
+
+
+async def test_enqueue_failing_after_its_claim_is_left_to_the_sweeper(
+    settings: Settings, ports: Ports, async_engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis failing between the claim and the enqueue: the sweep past the grace period
+    enqueues the claimed files, as after a crash between a submit's commit and its XADD."""
+    async with async_engine.begin() as conn:
+        await reconciler_sa.submit(conn, files(2), batch_id="b-lost")
+
+    async def refused(*args: object) -> None:
+        raise RetryableError("redis: connection refused")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(ports.queue, "enqueue", refused)
+        with pytest.raises(RetryableError):
+            await Client(settings, ports).enqueue("b-lost")
+    sweeper = Sweeper(settings, ports.db, ports.queue)
+    await ports.queue.take_recovery()  # Redis has lost nothing: the ordinary pass
+    assert (await sweeper.sweep_once()).repairs == {}, "claimed: maybe still being enqueued"
+    await sql(
+        settings.database_url or "",
+        "UPDATE batch_files SET enqueued_at = now() - interval '1 hour' WHERE batch_id = $1",
+        "b-lost",
+    )
+    assert (await sweeper.sweep_once()).repairs == {"requeued": 2}
+    async with running(settings, ports, Role.WORKER):
+        summary = await wait_for(lambda: summary_of(ports, "b-lost"), what="summary")
+    assert (summary["status"], summary["files_succeeded"]) == ("completed", 2)
 
 
 def _sync_transaction(engine: Engine, batch_id: str, *, commit: bool) -> None:
