@@ -2,7 +2,9 @@
 
 Submitting writes the batch and its files in one transaction, then enqueues one job
 per file. A crash between the two loses nothing: files stay pending with no job and
-the sweeper re-enqueues them.
+the sweeper re-enqueues them. A batch written in an application's own transaction
+(`reconciler.sqlalchemy`) is written the same way with no jobs; `enqueue_committed`
+enqueues them after its commit, or the sweeper's next pass does.
 """
 
 from __future__ import annotations
@@ -17,10 +19,10 @@ from typing import Any, Final, TypeVar
 
 import structlog
 
-from reconciler import jobs
+from reconciler import jobs, requeue
 from reconciler.database import Database, Row
 from reconciler.errors import BatchConflict, BatchNotFound, InvalidBatch
-from reconciler.finalization import finalize
+from reconciler.finalization import Trigger, finalize
 from reconciler.queue import JobQueue
 
 log = structlog.get_logger("reconciler.batches")
@@ -96,6 +98,71 @@ def _chunks(items: Sequence[T]) -> Iterator[Sequence[T]]:
         yield items[start : start + CHUNK_FILES]
 
 
+@dataclass(frozen=True, slots=True)
+class NewBatch:
+    """A batch checked and ready to write: its jobs encoded, its statements' parameters."""
+
+    batch_id: str
+    run_id: str
+    metadata: dict[str, Any]
+    digest: str
+    deadline_s: float | None
+    files: Sequence[FileSpec]
+    entries: list[dict[str, str]]
+
+    def batch_row(self) -> tuple[Any, ...]:
+        """The parameters of `insert_batch`."""
+        return (
+            self.batch_id,
+            self.run_id,
+            self.metadata,
+            self.digest,
+            len(self.files),
+            self.deadline_s,
+        )
+
+    def file_rows(self, *, enqueued: bool) -> Iterator[tuple[Any, ...]]:
+        """The parameters of `insert_files`, one chunk of files at a time."""
+        for chunk in _chunks(self.files):
+            yield (
+                self.batch_id,
+                [f.file_id for f in chunk],
+                [f.uri for f in chunk],
+                [None if f.payload is None else jobs.payload_text(f.payload) for f in chunk],
+                enqueued,
+            )
+
+    def existing(self, digest: str | None) -> Submitted:
+        """The answer when the id is taken: a no-op for the same files, else a conflict."""
+        if digest != self.digest:
+            raise BatchConflict(f"batch {self.batch_id!r} exists with different files")
+        return Submitted(self.batch_id, False, len(self.files))
+
+
+def prepare(
+    files: Sequence[FileSpec],
+    *,
+    batch_id: str | None = None,
+    run_id: str | None = None,
+    metadata: dict[str, Any] | None = None,
+    deadline_s: float | None = None,
+) -> NewBatch:
+    """Checks a batch before anything is written; raises InvalidBatch."""
+    batch_id = batch_id or new_batch_id()
+    if not jobs.storable(batch_id):
+        raise InvalidBatch("batch_id has a NUL or is not UTF-8")
+    entries = encode_jobs(batch_id, files)
+    return NewBatch(
+        batch_id,
+        run_id or batch_id,
+        metadata or {},
+        files_digest(files),
+        deadline_s,
+        files,
+        entries,
+    )
+
+
 async def submit(
     db: Database,
     queue: JobQueue,
@@ -107,37 +174,44 @@ async def submit(
     deadline_s: float | None = None,
 ) -> Submitted:
     """Creates the batch and enqueues its files; same id and files again is a no-op."""
-    batch_id = batch_id or new_batch_id()
-    if not jobs.storable(batch_id):
-        raise InvalidBatch("batch_id has a NUL or is not UTF-8")
-    entries = encode_jobs(batch_id, files)
-    digest = files_digest(files)
+    new = prepare(files, batch_id=batch_id, run_id=run_id, metadata=metadata, deadline_s=deadline_s)
     async with db.transaction() as tx:
-        created = await tx.fetchval(
-            "insert_batch", batch_id, run_id or batch_id, metadata or {}, digest, len(files),
-            deadline_s,
-        )  # fmt: skip
-        if created is None:
-            if await tx.fetchval("batch_digest", batch_id) != digest:
-                raise BatchConflict(f"batch {batch_id!r} exists with different files")
-            return Submitted(batch_id, False, len(files))
-        for chunk in _chunks(files):
-            await tx.execute(
-                "insert_files", batch_id, [f.file_id for f in chunk], [f.uri for f in chunk],
-                [None if f.payload is None else jobs.payload_text(f.payload) for f in chunk],
-            )  # fmt: skip
-    await _enqueue(queue, batch_id, files, entries)
-    log.info("batch_submitted", batch_id=batch_id, total_files=len(files))
+        if await tx.fetchval("insert_batch", *new.batch_row()) is None:
+            return new.existing(await tx.fetchval("batch_digest", new.batch_id))
+        for row in new.file_rows(enqueued=True):
+            await tx.execute("insert_files", *row)
+    await _enqueue(queue, new)
+    log.info("batch_submitted", batch_id=new.batch_id, total_files=len(files))
     if not files:
-        await finalize(db, batch_id, "event")
-    return Submitted(batch_id, True, len(files))
+        await finalize(db, new.batch_id, Trigger.EVENT)
+    return Submitted(new.batch_id, True, len(files))
 
 
-async def _enqueue(
-    queue: JobQueue, batch_id: str, files: Sequence[FileSpec], entries: list[dict[str, str]]
-) -> None:
-    for chunk, encoded in zip(_chunks(files), _chunks(entries), strict=True):
-        await queue.enqueue(encoded, [jobs.member(batch_id, f.file_id) for f in chunk])
+async def _enqueue(queue: JobQueue, new: NewBatch) -> None:
+    for chunk, encoded in zip(_chunks(new.files), _chunks(new.entries), strict=True):
+        await queue.enqueue(encoded, [jobs.member(new.batch_id, f.file_id) for f in chunk])
+
+
+async def enqueue_committed(db: Database, queue: JobQueue, batch_id: str) -> int:
+    """Enqueues the files of a batch written, with no jobs, in its caller's transaction.
+
+    Call it after that transaction commits. It claims the files still unqueued and
+    enqueues those not on the stream, as the sweeper's next pass would if nobody called
+    it, so a second call, or a race with the sweeper, enqueues nothing twice.
+    """
+    total = await db.fetchval("batch_total_files", batch_id)
+    if total is None:
+        raise BatchNotFound(f"no batch {batch_id!r} (rolled back, or not committed yet)")
+    if total == 0:
+        await finalize(db, batch_id, Trigger.EVENT)
+        return 0
+    enqueued, after = 0, ""
+    while rows := await db.fetch("claim_batch_unqueued_files", batch_id, after, CHUNK_FILES):
+        enqueued += len(await requeue.enqueue_missing(queue, rows))
+        after = max(r["file_id"] for r in rows)
+    if enqueued:
+        log.info("batch_enqueued", batch_id=batch_id, files=enqueued)
+    return enqueued
 
 
 async def progress(db: Database, batch_id: str) -> dict[str, Any]:

@@ -3,6 +3,9 @@
 async with Client.open(Settings(database_url=..., redis_url=...)) as client:
     submitted = await client.submit([FileSpec("a", "/data/a.csv")])
     summary = await client.wait(submitted.batch_id)
+
+To create a batch inside the application's own SQLAlchemy transaction, see
+`reconciler.sqlalchemy` (then `client.enqueue(batch_id)` after the commit).
 """
 
 from __future__ import annotations
@@ -65,6 +68,14 @@ class Client:
             self._ports.db, self._ports.queue, files, batch_id=batch_id, run_id=run_id,
             metadata=metadata, deadline_s=deadline_s,
         )  # fmt: skip
+
+    async def enqueue(self, batch_id: str) -> int:
+        """Enqueues a batch written in the application's own transaction, after commit.
+
+        See `reconciler.sqlalchemy`. Returns how many jobs it enqueued: 0 again for a
+        batch already enqueued. Raises BatchNotFound if the batch was never committed.
+        """
+        return await batches.enqueue_committed(self._ports.db, self._ports.queue, batch_id)
 
     async def progress(self, batch_id: str) -> dict[str, Any]:
         return await batches.progress(self._ports.db, batch_id)

@@ -14,9 +14,31 @@ SELECT files_digest FROM batches WHERE batch_id = $1;
 -- A batch's files. $1 batch, $2 file ids, $3 uris, $4 payloads as the exact JSON text
 -- embedded in their jobs (the `json` column keeps it verbatim, so a lost job can be
 -- rebuilt byte for byte; a json[] parameter would read a list as an array dimension).
+-- $5 false leaves `enqueued_at` NULL (written in a caller's transaction, no job yet):
+-- enqueue_committed or the sweeper's next pass enqueues them.
 INSERT INTO batch_files (batch_id, file_id, uri, payload, enqueued_at)
-SELECT $1, f.file_id, f.uri, f.payload::json, now()
+SELECT $1, f.file_id, f.uri, f.payload::json, CASE WHEN $5::boolean THEN now() END
 FROM unnest($2::text[], $3::text[], $4::text[]) AS f (file_id, uri, payload);
+
+-- name: batch_total_files
+-- Batch $1's number of files, or no row if there is no such (committed) batch.
+SELECT total_files FROM batches WHERE batch_id = $1;
+
+-- name: claim_batch_unqueued_files
+-- Claims batch $1's pending files that were never enqueued, after file id $2, at most
+-- $3, in key order: setting `enqueued_at` is the claim, as in claim_unqueued_files, so
+-- a sweep running at the same time skips them. Payloads come back as submitted.
+WITH due AS (
+    SELECT batch_id, file_id FROM batch_files
+    WHERE batch_id = $1 AND file_id > $2 AND status = 'pending' AND enqueued_at IS NULL
+    ORDER BY file_id
+    LIMIT $3
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE batch_files f SET enqueued_at = now()
+FROM due d
+WHERE f.batch_id = d.batch_id AND f.file_id = d.file_id
+RETURNING f.batch_id, f.file_id, f.uri, f.payload::text AS payload;
 
 -- name: peek_files
 -- Where each delivered file stands before its handler may start, read without a write.
@@ -249,10 +271,10 @@ ORDER BY lease_expires_at
 LIMIT $2;
 
 -- name: claim_unqueued_files
--- Claims pending files enqueued longer ago than $1 seconds (a crash between commit and
--- enqueue, or Redis lost the job), at most $2: moving `enqueued_at` is the claim, so
--- another replica's sweep skips them until the grace passes again. The payload comes
--- back as the exact text it was submitted as.
+-- Claims pending files never enqueued (written in a caller's transaction) or enqueued
+-- longer ago than $1 seconds (a crash between commit and enqueue, or Redis lost the
+-- job), at most $2: moving `enqueued_at` is the claim, so another replica's sweep
+-- skips them until the grace passes again. Payloads come back as submitted.
 WITH due AS (
     SELECT batch_id, file_id FROM batch_files
     WHERE status = 'pending'

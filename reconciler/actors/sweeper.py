@@ -18,7 +18,7 @@ from typing import Final
 import anyio
 import structlog
 
-from reconciler import jobs, metrics, reasons
+from reconciler import metrics, reasons, requeue
 from reconciler.config import Settings
 from reconciler.database import Database, Row
 from reconciler.errors import RetryableError
@@ -133,21 +133,10 @@ class Sweeper:
         return requeued
 
     async def _enqueue_missing(self, rows: Sequence[Row]) -> int:
-        """Enqueues the jobs of these files that are not on the stream, as submitted."""
-        if not rows:
-            return 0
-        members = [jobs.member(r["batch_id"], r["file_id"]) for r in rows]
-        gone = await self._queue.missing(members)
-        lost = [(r, m) for r, m in zip(rows, members, strict=True) if m in gone]
-        if lost:
-            entries = [
-                jobs.encode_text(r["batch_id"], r["file_id"], r["uri"], r["payload"])
-                for r, _ in lost
-            ]
-            await self._queue.enqueue(entries, [m for _, m in lost])
-        for row, _ in lost:
+        enqueued = await requeue.enqueue_missing(self._queue, rows)
+        for row in enqueued:
             log.info("file_requeued", batch_id=row["batch_id"], file_id=row["file_id"])
-        return len(lost)
+        return len(enqueued)
 
     async def _prune_consumers(self) -> int:
         """Removes consumers of stopped processes: idle past the lease, nothing pending."""

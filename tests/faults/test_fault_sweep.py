@@ -56,7 +56,7 @@ REPAIR_METHODS: Final = {
 }
 # Wrapped like every method, but no actor calls them in this scenario.
 OFF_PATH_METHODS: Final = {
-    "Database.fetchval": "only the HTTP API's handlers read single values outside a session",
+    "Database.fetchval": "only the API and Client.enqueue read single values outside a session",
     "Database.session": "only the readiness probe opens a bare session (migrations.pending)",
     "Session.fetch": "only migrations read rows through a session",
     "Session.execute_script": "only migrations run DDL scripts",

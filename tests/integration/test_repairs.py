@@ -168,7 +168,7 @@ async def _queue_empty(ports: Ports) -> bool:
 async def test_files_never_enqueued_are_requeued(settings: Settings, ports: Ports) -> None:
     """A crash between the database commit and the enqueue loses nothing."""
     await ports.db.fetchval("insert_batch", "crashed", "crashed", {}, "digest", 2, None)
-    await ports.db.execute("insert_files", "crashed", ["a", "b"], ["/a", "/b"], [None, None])
+    await ports.db.execute("insert_files", "crashed", ["a", "b"], ["/a", "/b"], [None, None], True)
     sweeper = Sweeper(settings, ports.db, ports.queue)
     await ports.queue.take_recovery()  # Redis has not lost anything here
     assert (await sweeper.sweep_once()).repairs == {}, "recent: maybe still being enqueued"
