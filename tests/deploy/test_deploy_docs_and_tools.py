@@ -94,6 +94,16 @@ def test_ensure_tools_is_a_no_op_when_promtool_is_present() -> None:
     assert "installing" not in result.stderr
 
 
+def test_ensure_tools_is_a_no_op_when_pgbouncer_is_present() -> None:
+    """With pgbouncer installed, ensure-tools reports it and installs nothing."""
+    if shutil.which("pgbouncer", path=os.defpath + ":/usr/sbin") is None:
+        pytest.skip("pgbouncer is not installed (run scripts/ensure-tools)")
+    result = _run_ensure_tools(dict(os.environ))
+    assert result.returncode == 0, result.stderr
+    assert "pgbouncer present" in result.stderr
+    assert "installing" not in result.stderr
+
+
 def test_ensure_tools_exits_zero_with_a_message_when_it_cannot_install(tmp_path: Path) -> None:
     """Without promtool and without apt-get, ensure-tools says so and still exits 0."""
     env = {"PATH": str(tmp_path), "HOME": str(tmp_path)}
