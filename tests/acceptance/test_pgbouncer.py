@@ -29,10 +29,12 @@ BATCHES: Final = 3
 FILES_PER_BATCH: Final = 12
 FAILING_FILE: Final = "f00003"
 SETTLE_TIMEOUT_S: Final = 40.0
-# The planner settings the service makes on a connection of its own.
+# The planner settings the service makes on a connection of its own, and asyncpg's jit switch.
 SESSION_SETTINGS: Final = ("plan_cache_mode", "random_page_cost", "jit")
+# Seen as `... already exists`, `... does not exist`, and as `bind message supplies 4
+# parameters, but prepared statement ... requires 1`: another client's statement.
 KNOWN_FAILURE: Final = re.compile(
-    r'prepared statement "__asyncpg_stmt_\d+__" (already exists|does not exist)'
+    r'postgres: (\w+): [^\n]*prepared statement \\?"__asyncpg_stmt_\d+__\\?"'
 )
 SHOW_SETTINGS: Final = (
     "SELECT pg_backend_pid() AS pid, current_setting('plan_cache_mode') AS plan_cache_mode,"
@@ -239,19 +241,23 @@ async def test_without_the_setting_transaction_pooling_breaks_prepared_statement
     ports: Ports, service_env: dict[str, str], transaction_pooler: PgBouncer, tmp_path: Path
 ) -> None:
     """RECONCILER_DATABASE_POOLER=none through transaction pooling fails the known way:
-    the statement cache's names meet on shared server connections and `run` exits."""
+    the statement cache's names meet on shared server connections."""
     env = with_env(service_env, RECONCILER_DATABASE_URL=transaction_pooler.url, **FAST)
     started = [ServiceProcess(env, tmp_path / f"none-{i}.log") for i in range(2)]
     try:
         for i in range(BATCHES):
             await submit(ports, files(FILES_PER_BATCH), batch_id=f"b{i}")
 
-        async def exited() -> str | None:
-            done = [p for p in started if p.proc.poll() is not None]
-            return done[0].log_path.read_text() if done else None
+        async def failed() -> re.Match[str] | None:
+            logs = [p.log_path.read_text() for p in started]
+            return next((m for m in map(KNOWN_FAILURE.search, logs) if m), None)
 
-        log = await wait_for(exited, timeout_s=SETTLE_TIMEOUT_S, what="a replica to exit")
+        found = await wait_for(failed, timeout_s=SETTLE_TIMEOUT_S, what="the known failure")
     finally:
         for process in started:
             process.close()
-    assert KNOWN_FAILURE.search(log), log[-3000:]
+    assert found[1] in {
+        "DuplicatePreparedStatementError",
+        "InvalidSQLStatementNameError",
+        "ProtocolViolationError",
+    }, found[0]
