@@ -15,15 +15,18 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Final
 
+import anyio
 import asyncpg
 import pytest
 
+from reconciler import migrations
 from reconciler.app import Ports, open_ports
 from reconciler.config import Pooler, Settings
-from tests.acceptance.processes import ServiceProcess, with_env
+from tests.acceptance.processes import ServiceProcess, run_cli, with_env
 from tests.chaos.harness import wait_for_event
 from tests.helpers import files, record, sql, submit, summary_of, wait_for
 from tests.pgbouncer import PgBouncer, pgbouncer
+from tests.services import Endpoints, unique_name, with_database
 
 BATCHES: Final = 3
 FILES_PER_BATCH: Final = 12
@@ -60,6 +63,16 @@ def transaction_pooler(database_url: str, tmp_path: Path) -> Iterator[PgBouncer]
 def session_pooler(database_url: str, tmp_path: Path) -> Iterator[PgBouncer]:
     with pgbouncer(database_url, tmp_path, "session") as bouncer:
         yield bouncer
+
+
+@pytest.fixture
+async def empty_database(services: Endpoints) -> AsyncIterator[str]:
+    name = unique_name("reconciler_empty")
+    await sql(services.database_url, f'CREATE DATABASE "{name}"')
+    try:
+        yield with_database(services.database_url, name)
+    finally:
+        await sql(services.database_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @asynccontextmanager
@@ -261,3 +274,29 @@ async def test_without_the_setting_transaction_pooling_breaks_prepared_statement
         "InvalidSQLStatementNameError",
         "ProtocolViolationError",
     }, found[0]
+
+
+async def test_migrate_through_transaction_pooling(
+    empty_database: str, service_env: dict[str, str], tmp_path: Path
+) -> None:
+    """Three `reconciler migrate` at once through transaction pooling: its lock is
+    transaction-level, so all succeed and the schema is applied once."""
+    results: list[int] = []
+    with pgbouncer(empty_database, tmp_path, "transaction") as bouncer:
+        env = with_env(
+            service_env,
+            RECONCILER_DATABASE_URL=bouncer.url,
+            RECONCILER_DATABASE_POOLER="transaction",
+        )
+
+        async def migrate() -> None:
+            done = await anyio.to_thread.run_sync(lambda: run_cli(env, "migrate"))
+            assert "prepared statement" not in done.stderr, done.stderr
+            results.append(done.returncode)
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(3):
+                tg.start_soon(migrate)
+    assert results == [0, 0, 0]
+    rows = await sql(empty_database, "SELECT version FROM schema_migrations ORDER BY version")
+    assert [r[0] for r in rows] == [m.version for m in migrations.available()]
