@@ -93,7 +93,7 @@ def _connection_options(pooler: Pooler) -> dict[str, Any]:
     """What differs between a connection of its own and a transaction-pooled one."""
     if pooler != "transaction":
         # Directly or through session pooling the server connection is ours for the
-        # pooled connection's life (PgBouncer resets it with DISCARD ALL on release).
+        # pooled connection's life (PgBouncer runs DISCARD ALL when it closes).
         return {"init": _init_session}
     # No named statements: the next transaction may run on a server connection that
     # has another client's `__asyncpg_stmt_N__`, or lacks ours. With the cache off,
