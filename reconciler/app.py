@@ -59,7 +59,9 @@ async def open_ports(settings: Settings) -> AsyncIterator[Ports]:
         raise ConfigError("RECONCILER_DATABASE_URL: not set")
     if not settings.redis_url:
         raise ConfigError("RECONCILER_REDIS_URL: not set")
-    db = await Database.connect(settings.database_url, max_size=_pool_size(settings))
+    db = await Database.connect(
+        settings.database_url, max_size=_pool_size(settings), pooler=settings.database_pooler
+    )
     queue = JobQueue.connect(settings.redis_url, settings.namespace)
     try:
         yield Ports(db, queue)

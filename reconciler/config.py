@@ -11,7 +11,7 @@ import ipaddress
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Final, TypeVar
+from typing import Any, Final, Literal, TypeVar, get_args
 from urllib.parse import urlsplit, urlunsplit
 
 from reconciler.errors import ConfigError
@@ -37,6 +37,9 @@ DELIVERY_BACKOFF_S: Final = 5.0
 DELIVERY_MAX_AGE_S: Final = 259_200.0  # 3 days, as Stripe and Standard Webhooks
 DELIVERY_TIMEOUT_S: Final = 10.0
 DELIVERY_POLL_INTERVAL_S: Final = 1.0
+Pooler = Literal["none", "session", "transaction"]
+DATABASE_POOLER: Final[Pooler] = "none"
+DATABASE_POOLERS: Final[tuple[Pooler, ...]] = get_args(Pooler)
 
 _NAMESPACE_RE: Final = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 _HOST_RE: Final = re.compile(r"^(?=.{1,253}$)[a-z0-9_]([a-z0-9_-]{0,62})(\.[a-z0-9_-]{1,63})*$")
@@ -48,6 +51,9 @@ class Settings:
     """Every knob of the service, with the contract's defaults."""
 
     database_url: str | None = None
+    # What sits between the service and Postgres: `transaction` (PgBouncer's transaction
+    # pooling) turns off the statement cache and every piece of session state.
+    database_pooler: Pooler = DATABASE_POOLER
     redis_url: str | None = None
     namespace: str = NAMESPACE
     http_host: str = HTTP_HOST
@@ -88,6 +94,11 @@ class Settings:
         """Checks cross-field rules; returns self so it chains."""
         if self.database_url is not None:
             _check_url("RECONCILER_DATABASE_URL", self.database_url, ("postgresql", "postgres"))
+        if self.database_pooler not in DATABASE_POOLERS:
+            raise ConfigError(
+                f"RECONCILER_DATABASE_POOLER: expected {' or '.join(DATABASE_POOLERS)},"
+                f" got {self.database_pooler!r}"
+            )
         if self.redis_url is not None:
             _check_url("RECONCILER_REDIS_URL", self.redis_url, ("redis", "rediss", "unix"))
         if not _NAMESPACE_RE.match(self.namespace):
@@ -185,6 +196,7 @@ _non_negative_float = _parse_with("a number of seconds >= 0", float, lambda v: v
 
 _PARSERS: Final[dict[str, Callable[[str, str], Any]]] = {
     "database_url": _text,
+    "database_pooler": _choice(*DATABASE_POOLERS),
     "redis_url": _text,
     "namespace": _text,
     "http_host": _text,

@@ -2,6 +2,12 @@
 
 Nothing outside this module sees asyncpg: records come back as read-only mappings and
 driver exceptions become RetryableError or TerminalError.
+
+Behind a pooler in transaction mode (`RECONCILER_DATABASE_POOLER=transaction`, PgBouncer's
+`pool_mode = transaction`) consecutive transactions of one pooled connection may run on
+different server connections, and a server connection serves other clients in between:
+the pool then keeps no server-side statement cache and leaves no session state behind
+(see `_connection_options`).
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from typing import Any, Final, cast
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
+from reconciler.config import DATABASE_POOLER, Pooler
 from reconciler.errors import InvalidData, RetryableError, TerminalError
 from reconciler.queries import QUERIES
 
@@ -57,21 +64,54 @@ def _kind(exc: BaseException) -> type[TerminalError | RetryableError]:
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
-    # The hot statements join a few hundred unnest()ed keys to batch_files by primary
-    # key. Planned generically, or with disk-era page costs, Postgres picks full scans
-    # that grow with the table; custom plans with cached-page costs use the index.
-    await conn.execute(QUERIES["session_settings"])
+    # Client-side only: the codecs of built-in types need no query.
     for type_name in ("json", "jsonb"):
         await conn.set_type_codec(
             type_name, encoder=json.dumps, decoder=json.loads, schema="pg_catalog"
         )
 
 
+async def _init_session(conn: asyncpg.Connection) -> None:
+    # The hot statements join a few hundred unnest()ed keys to batch_files by primary
+    # key. Planned generically, or with disk-era page costs, Postgres picks full scans
+    # that grow with the table; custom plans with cached-page costs use the index.
+    await conn.execute(QUERIES["session_settings"])
+    await _init_connection(conn)
+
+
+async def _init_pooled(conn: asyncpg.Connection) -> None:
+    await _init_connection(conn)
+    # asyncpg asks the catalog for an array type's codec the first time a connection
+    # meets it, between two session-level `set_config('jit', ...)` calls. Outside a
+    # transaction those three statements may run on three server connections and leave
+    # `jit` off on one that other clients get next; inside one they cannot.
+    async with conn.transaction():
+        await conn.fetchrow(QUERIES["array_codecs"], None, None, None)
+
+
+def _connection_options(pooler: Pooler) -> dict[str, Any]:
+    """What differs between a connection of its own and a transaction-pooled one."""
+    if pooler != "transaction":
+        # Directly or through session pooling the server connection is ours for the
+        # pooled connection's life (PgBouncer runs DISCARD ALL when it closes).
+        return {"init": _init_session}
+    # No named statements: the next transaction may run on a server connection that
+    # has another client's `__asyncpg_stmt_N__`, or lacks ours. With the cache off,
+    # asyncpg parses each statement unnamed again right before its Bind, so the pooler
+    # cannot split Parse from Execute; an unnamed statement is planned with its actual
+    # parameters every time, which is what `plan_cache_mode` is set for above.
+    # No session settings either: they would stay on the server connection for its next
+    # client. `random_page_cost` belongs in the role or database settings there
+    # (docs/deploy.md).
+    return {"init": _init_pooled, "statement_cache_size": 0}
+
+
 async def _keep_session(conn: asyncpg.Connection) -> None:
     # asyncpg's default reset runs RESET ALL and more on every release: a round trip
     # per pooled statement, and it would undo the planner settings above. Nothing
     # here leaves session state behind (only transaction-level locks, no LISTEN, no
-    # cursors), and stray transactions are still rolled back by the pool itself.
+    # cursors), and stray transactions are still rolled back by the pool itself. Behind
+    # a transaction pooler a reset would run on whichever server connection is free.
     return None
 
 
@@ -110,7 +150,9 @@ class Database:
         self._pool = pool
 
     @classmethod
-    async def connect(cls, url: str, *, max_size: int = POOL_MAX_SIZE) -> Database:
+    async def connect(
+        cls, url: str, *, max_size: int = POOL_MAX_SIZE, pooler: Pooler = DATABASE_POOLER
+    ) -> Database:
         async with translated():
             pool = await asyncpg.create_pool(
                 url,
@@ -118,8 +160,8 @@ class Database:
                 max_size=max_size,
                 timeout=CONNECT_TIMEOUT_S,
                 command_timeout=COMMAND_TIMEOUT_S,
-                init=_init_connection,
                 reset=_keep_session,
+                **_connection_options(pooler),
             )
         return cls(pool)
 

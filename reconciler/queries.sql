@@ -324,6 +324,13 @@ SELECT 1;
 SELECT set_config('plan_cache_mode', 'force_custom_plan', false),
        set_config('random_page_cost', '1.1', false);
 
+-- name: array_codecs
+-- Binds one of each array type (but text[]) that the other statements bind or return:
+-- preparing it makes asyncpg look their codecs up in the catalog, once per connection.
+-- Behind a transaction pooler that is done inside a transaction, because asyncpg switches
+-- `jit` off and back on at session level around the lookup.
+SELECT $1::integer[], $2::boolean[], $3::double precision[];
+
 -- name: record_migration
 INSERT INTO schema_migrations (version, name) VALUES ($1, $2);
 

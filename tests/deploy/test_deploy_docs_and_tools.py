@@ -29,6 +29,7 @@ CONTRACT_ENV = (
     "RECONCILER_MAX_ATTEMPTS",
     "RECONCILER_API_TOKEN",
     "RECONCILER_LOG_FORMAT",
+    "RECONCILER_DATABASE_POOLER",
 )
 
 
@@ -91,6 +92,16 @@ def test_ensure_tools_is_a_no_op_when_promtool_is_present() -> None:
     result = _run_ensure_tools(dict(os.environ))
     assert result.returncode == 0, result.stderr
     assert "promtool present" in result.stderr
+    assert "installing" not in result.stderr
+
+
+def test_ensure_tools_is_a_no_op_when_pgbouncer_is_present() -> None:
+    """With pgbouncer installed, ensure-tools reports it and installs nothing."""
+    if shutil.which("pgbouncer", path=os.defpath + ":/usr/sbin") is None:
+        pytest.skip("pgbouncer is not installed (run scripts/ensure-tools)")
+    result = _run_ensure_tools(dict(os.environ))
+    assert result.returncode == 0, result.stderr
+    assert "pgbouncer present" in result.stderr
     assert "installing" not in result.stderr
 
 

@@ -16,12 +16,15 @@ def test_defaults_match_the_contract() -> None:
     assert (s.visibility_timeout_s, s.max_attempts, s.log_format) == (60.0, 3, "json")
     assert s.handler == "reconciler.handlers:inspect_file"
     assert s.api_token is None and s.database_url is None
+    assert s.database_pooler == "none"
 
 
 def test_environment_values_are_parsed() -> None:
     """RECONCILER_* variables set the typed fields."""
     s = Settings.from_env({"RECONCILER_CONCURRENCY": "4", "RECONCILER_SWEEP_INTERVAL_S": "2.5"})
     assert (s.concurrency, s.sweep_interval_s) == (4, 2.5)
+    for pooler in ("none", "session", "transaction"):
+        assert Settings.from_env({"RECONCILER_DATABASE_POOLER": pooler}).database_pooler == pooler
 
 
 @pytest.mark.parametrize(
@@ -35,6 +38,8 @@ def test_environment_values_are_parsed() -> None:
         ("RECONCILER_DATABASE_URL", "mysql://x@y/z"),
         ("RECONCILER_REDIS_URL", "redis://host:notaport/0"),
         ("RECONCILER_NAMESPACE", "has space"),
+        ("RECONCILER_DATABASE_POOLER", "statement"),
+        ("RECONCILER_DATABASE_POOLER", "Transaction"),
     ],
 )
 def test_bad_value_names_its_variable(variable: str, value: str) -> None:

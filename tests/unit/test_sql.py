@@ -36,3 +36,12 @@ def test_files_digest_ignores_order_but_not_content() -> None:
     a, b = FileSpec("1", "/a"), FileSpec("2", "/b")
     assert files_digest([a, b]) == files_digest([b, a])
     assert files_digest([a, b]) != files_digest([a, FileSpec("2", "/c")])
+
+
+def test_array_codecs_names_every_array_type_bound() -> None:
+    """Every array type a statement casts to, but text[], is learnt up front by
+    `array_codecs` (behind a transaction pooler that lookup must run in a transaction)."""
+    cast = re.compile(r"::\s*([a-z][a-z ]*?)\s*\[\]")
+    used = {t for sql in QUERIES.values() for t in cast.findall(sql)} - {"text"}
+    assert used, "the pattern finds the casts"
+    assert set(cast.findall(QUERIES["array_codecs"])) == used
