@@ -134,7 +134,7 @@ async def _plant_repairs(ports: Ports, database_url: str) -> None:
     """Two batches only the sweeper can finish, written straight to Postgres."""
     # Complete but never finalized: the original bug, repaired by the sweep.
     await ports.db.fetchval("insert_batch", "stuck", "stuck", {}, "digest-stuck", 2, None)
-    await ports.db.execute("insert_files", "stuck", ["a", "b"], ["/a", "/b"], [None, None])
+    await ports.db.execute("insert_files", "stuck", ["a", "b"], ["/a", "/b"], [None, None], True)
     await record(ports, "stuck", ["a", "b"])
     await sql(
         database_url,
@@ -143,7 +143,7 @@ async def _plant_repairs(ports: Ports, database_url: str) -> None:
     )
     # Committed, never enqueued (a crash before the enqueue): requeued by the sweep.
     await ports.db.fetchval("insert_batch", "unqueued", "unqueued", {}, "digest-unq", 2, None)
-    await ports.db.execute("insert_files", "unqueued", ["c", "d"], ["/c", "/d"], [None, None])
+    await ports.db.execute("insert_files", "unqueued", ["c", "d"], ["/c", "/d"], [None, None], True)
     await sql(
         database_url,
         "UPDATE batch_files SET enqueued_at = now() - interval '1 hour'"
