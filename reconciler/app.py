@@ -29,6 +29,7 @@ from reconciler.database import Database
 from reconciler.errors import ConfigError, TerminalError
 from reconciler.execution import Executor
 from reconciler.handlers import load_handler
+from reconciler.notifications import Notifications
 from reconciler.queue import JobQueue
 from reconciler.recording import BatchProgress
 from reconciler.supervisor import Actor, Health, supervise
@@ -50,6 +51,8 @@ class Role(enum.StrEnum):
 class Ports:
     db: Database
     queue: JobQueue
+    # Polling only unless opened by `open_ports`, which listens when it can.
+    notifications: Notifications = field(default_factory=Notifications)
 
 
 @asynccontextmanager
@@ -61,12 +64,19 @@ async def open_ports(settings: Settings) -> AsyncIterator[Ports]:
         raise ConfigError("RECONCILER_REDIS_URL: not set")
     db = await Database.connect(settings.database_url, max_size=_pool_size(settings))
     queue = JobQueue.connect(settings.redis_url, settings.namespace)
+    notifications = Notifications(_listen_url(settings))
     try:
-        yield Ports(db, queue)
+        async with notifications.running():
+            yield Ports(db, queue, notifications)
     finally:
         with anyio.CancelScope(shield=True):
             await queue.close()
             await db.close()
+
+
+def _listen_url(settings: Settings) -> str | None:
+    # PgBouncer in transaction mode hands each transaction any server: LISTEN can't work.
+    return None if settings.database_pooler == "transaction" else settings.database_url
 
 
 def _pool_size(settings: Settings) -> int:
@@ -96,10 +106,12 @@ class Service:
             self.actors.append(Sweeper(self.settings, self.ports.db, self.ports.queue))
         if wants & {Role.WORKER, Role.SWEEPER}:
             # Completion callbacks go out from every role that does background work.
-            self.actors.append(Deliverer(self.settings, self.ports.db))
+            deliverer = Deliverer(self.settings, self.ports.db, self.ports.notifications)
+            self.actors.append(deliverer)
+        ports = self.ports
         self.api = Api(
-            self.settings, self.ports.db, self.ports.queue, self.health, self.stop,
-            batches_api=Role.API in wants,
+            self.settings, ports.db, ports.queue, self.health, self.stop,
+            batches_api=Role.API in wants, notifications=ports.notifications,
         )  # fmt: skip
 
     def _add_worker(self) -> None:
