@@ -180,11 +180,10 @@ async def listening(
     url: str, channels: Sequence[str], on_notify: Callable[[str, str], None]
 ) -> AsyncIterator[Listening]:
     """A connection of its own (LISTEN is session state: never a pooled one)."""
-    # Shielded: asyncpg leaves the socket open when cancelled mid-handshake; once
-    # connected, the `finally` below closes it.
-    with anyio.CancelScope(shield=True):
-        async with translated():
-            conn = await asyncpg.connect(url, timeout=CONNECT_TIMEOUT_S)
+    # Not shielded: asyncpg closes its socket when cancelled mid-handshake, and a stop
+    # must not wait for the connect timeout while Postgres is unreachable.
+    async with translated():
+        conn = await asyncpg.connect(url, timeout=CONNECT_TIMEOUT_S)
     try:
         handle = Listening(conn)
         conn.add_termination_listener(lambda _: handle.lost.set())

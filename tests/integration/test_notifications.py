@@ -7,6 +7,7 @@ the bounds asserted are generous, but far below every polling interval involved.
 
 from __future__ import annotations
 
+import socket
 import statistics
 import time
 from collections.abc import Sequence
@@ -21,7 +22,7 @@ from reconciler.app import Ports, open_ports
 from reconciler.client import Client
 from reconciler.config import Settings
 from reconciler.finalization import Outcome, finalize
-from reconciler.notifications import Kind
+from reconciler.notifications import Kind, Notifications
 from tests.acceptance.processes import reconciler_command, with_env
 from tests.delivery_support import subscribe
 from tests.helpers import files, record, sql, submit, wait_for
@@ -31,6 +32,7 @@ ROUNDS = 5
 WAIT_BOUND_S = 0.3  # Client.wait's own re-check is 1 s: only a notification is faster
 CLI_BOUND_S = 0.6  # the CLI also closes its pool and Redis client before printing
 DELIVERY_POLL_S = 30.0
+STOP_BOUND_S = 1.0  # the connect timeout is 5 s
 
 
 async def ready_batch(ports: Ports, count: int = 2) -> str:
@@ -161,3 +163,30 @@ async def watched_all(ports: Ports) -> bool:
 
 async def _received(received: Sequence[object], count: int) -> bool:
     return len(received) >= count
+
+
+async def test_stopping_during_a_connect_that_hangs_closes_it_at_once() -> None:
+    """A listener stopped mid-handshake (Postgres accepts, never answers) closes its
+    socket and returns at once, rather than after the connect timeout.
+    """
+    with socket.create_server(("127.0.0.1", 0)) as hole:
+        hole.setblocking(False)
+        notifications = Notifications(f"postgresql://nobody@127.0.0.1:{hole.getsockname()[1]}/x")
+        async with notifications.running():
+            conn = await wait_for(lambda: _accepted(hole), what="the listener to connect")
+            stopping = time.perf_counter()
+        with conn:
+            conn.settimeout(STOP_BOUND_S)
+            received = b""
+            while chunk := conn.recv(1024):  # until the listener's end is closed
+                received += chunk
+        closed_after_s = time.perf_counter() - stopping
+    assert received  # the startup (or SSL) request: it was mid-handshake
+    assert closed_after_s < STOP_BOUND_S
+
+
+async def _accepted(server: socket.socket) -> socket.socket | None:
+    try:
+        return server.accept()[0]
+    except BlockingIOError:
+        return None
