@@ -51,20 +51,25 @@ class Role(enum.StrEnum):
 class Ports:
     db: Database
     queue: JobQueue
-    # Polling only unless opened by `open_ports`, which listens when it can.
+    # Polling only, unless opened by `open_ports` with `listen` (its default).
     notifications: Notifications = field(default_factory=Notifications)
 
 
 @asynccontextmanager
-async def open_ports(settings: Settings) -> AsyncIterator[Ports]:
-    """Connects to Postgres and Redis; closes both on exit."""
+async def open_ports(settings: Settings, *, listen: bool = True) -> AsyncIterator[Ports]:
+    """Connects to Postgres and Redis, and LISTENs on a connection of its own; closes
+    them all on exit.
+
+    `listen=False` opens no listening connection (LISTEN cannot work through PgBouncer
+    in transaction mode): then every waiter, stream and the delivery actor poll.
+    """
     if not settings.database_url:
         raise ConfigError("RECONCILER_DATABASE_URL: not set")
     if not settings.redis_url:
         raise ConfigError("RECONCILER_REDIS_URL: not set")
     db = await Database.connect(settings.database_url, max_size=_pool_size(settings))
     queue = JobQueue.connect(settings.redis_url, settings.namespace)
-    notifications = Notifications(_listen_url(settings))
+    notifications = Notifications(settings.database_url if listen else None)
     try:
         async with notifications.running():
             yield Ports(db, queue, notifications)
@@ -72,11 +77,6 @@ async def open_ports(settings: Settings) -> AsyncIterator[Ports]:
         with anyio.CancelScope(shield=True):
             await queue.close()
             await db.close()
-
-
-def _listen_url(settings: Settings) -> str | None:
-    # PgBouncer in transaction mode hands each transaction any server: LISTEN can't work.
-    return None if settings.database_pooler == "transaction" else settings.database_url
 
 
 def _pool_size(settings: Settings) -> int:

@@ -37,7 +37,6 @@ DELIVERY_BACKOFF_S: Final = 5.0
 DELIVERY_MAX_AGE_S: Final = 259_200.0  # 3 days, as Stripe and Standard Webhooks
 DELIVERY_TIMEOUT_S: Final = 10.0
 DELIVERY_POLL_INTERVAL_S: Final = 1.0
-DATABASE_POOLER: Final = "none"
 EVENTS_PING_INTERVAL_S: Final = 15.0
 
 _NAMESPACE_RE: Final = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
@@ -74,7 +73,6 @@ class Settings:
     delivery_max_age_s: float = DELIVERY_MAX_AGE_S
     delivery_timeout_s: float = DELIVERY_TIMEOUT_S
     delivery_poll_interval_s: float = DELIVERY_POLL_INTERVAL_S
-    database_pooler: str = DATABASE_POOLER
     events_ping_interval_s: float = EVENTS_PING_INTERVAL_S
 
     @classmethod
@@ -213,6 +211,5 @@ _PARSERS: Final[dict[str, Callable[[str, str], Any]]] = {
     "delivery_max_age_s": _positive_float,
     "delivery_timeout_s": _positive_float,
     "delivery_poll_interval_s": _positive_float,
-    "database_pooler": _choice("none", "session", "transaction"),
     "events_ping_interval_s": _positive_float,
 }
