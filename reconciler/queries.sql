@@ -524,9 +524,21 @@ SELECT parent_batch_id, files_digest FROM batches WHERE batch_id = $1;
 SELECT event_id, data FROM events WHERE batch_id = $1 AND type = 'batch.finalized';
 
 -- name: stream_start
--- Where a stream of finalized events starts when it resumes from nothing: every event
--- of a transaction below the snapshot's xmin has already happened. Takes no parameter.
-SELECT pg_snapshot_xmin(pg_current_snapshot())::text AS txid, '' AS event_id;
+-- Where a stream of finalized events starts when it resumes from nothing: at the
+-- horizon (see finalized_events_after), below which every event has already happened.
+-- Takes no parameter.
+WITH snap AS (SELECT pg_current_snapshot() AS s),
+foreign_xids AS (
+    SELECT backend_xid::text::bigint AS xid FROM pg_stat_activity
+    WHERE backend_xid IS NOT NULL
+      AND datid IS DISTINCT FROM (SELECT oid FROM pg_database WHERE datname = current_database())
+)
+SELECT coalesce(
+           (SELECT min(x) FROM pg_snapshot_xip(snap.s) AS x
+            WHERE x::text::bigint % 4294967296 NOT IN (SELECT xid FROM foreign_xids)),
+           pg_snapshot_xmax(snap.s))::text AS txid,
+       '' AS event_id
+FROM snap;
 
 -- name: stream_cursor
 -- The stream position of event $1 (a resumed stream's Last-Event-ID), if it still exists.
@@ -534,12 +546,27 @@ SELECT txid::text AS txid, event_id FROM events WHERE event_id = $1;
 
 -- name: finalized_events_after
 -- Up to $3 finalized events after the cursor ($1 transaction id as text, $2 event id),
--- in commit-safe order: only transactions below the snapshot's xmin, which can never
--- be joined by an earlier event later.
+-- in commit-safe order: only events of transactions below the horizon, the oldest
+-- transaction still running in this snapshot that may be this database's (one running
+-- in another database, as pg_stat_activity says, cannot write an event and must not
+-- hold the stream back); below it no earlier event can ever appear later.
+WITH snap AS (SELECT pg_current_snapshot() AS s),
+foreign_xids AS (
+    SELECT backend_xid::text::bigint AS xid FROM pg_stat_activity
+    WHERE backend_xid IS NOT NULL
+      AND datid IS DISTINCT FROM (SELECT oid FROM pg_database WHERE datname = current_database())
+),
+horizon AS (
+    SELECT coalesce(
+               (SELECT min(x) FROM pg_snapshot_xip(snap.s) AS x
+                WHERE x::text::bigint % 4294967296 NOT IN (SELECT xid FROM foreign_xids)),
+               pg_snapshot_xmax(snap.s)) AS txid
+    FROM snap
+)
 SELECT event_id, batch_id, data, txid::text AS txid
 FROM events
 WHERE type = 'batch.finalized'
-  AND txid < pg_snapshot_xmin(pg_current_snapshot())
+  AND txid < (SELECT txid FROM horizon)
   AND (txid, event_id) > ($1::text::xid8, $2::text)
 ORDER BY txid, event_id
 LIMIT $3;

@@ -7,6 +7,9 @@ consumer and the finalizer do, so each event is caused by a known commit.
 from __future__ import annotations
 
 from dataclasses import replace
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
 
 from reconciler.app import Ports, Role
 from reconciler.config import Settings
@@ -16,6 +19,7 @@ from tests.api.sse import streaming
 from tests.helpers import files, record, sql, submit, wait_for
 
 PING_S = 0.2
+OTHER_TX_BOUND_S = 5.0  # the safety-net re-read is 1 s
 
 
 def quiet(settings: Settings) -> Settings:
@@ -150,3 +154,31 @@ async def test_all_events_streams_finalized_and_resumes_after_an_id(
             assert two is not None and two.data["data"]["batch_id"] == second.batch_id
             after = await stream.next(timeout_s=5.0)
     assert after is not None and after.comment == "ping"  # and not `one` again
+
+
+async def test_a_transaction_open_in_another_database_does_not_hold_events_back(
+    settings: Settings, ports: Ports
+) -> None:
+    """/api/events streams a finalization while a transaction with an id stays open in
+    another database of the cluster: that one cannot write this outbox.
+    """
+    elsewhere = await asyncpg.connect(
+        urlunsplit(urlsplit(settings.database_url or "")._replace(path="/postgres"))
+    )
+    held = elsewhere.transaction()
+    await held.start()
+    try:
+        await elsewhere.fetchval("SELECT pg_current_xact_id()")  # it now has an xid
+        batch = await submit(ports, files(1))
+        async with (
+            serving(quiet(settings), ports, Role.API) as served,
+            streaming(served.http, "/api/events") as stream,
+        ):
+            await record(ports, batch.batch_id, ["f00000"])
+            await finished(ports, batch.batch_id)
+            event = await stream.next_event(timeout_s=OTHER_TX_BOUND_S)
+    finally:
+        await held.rollback()
+        await elsewhere.close()
+    assert event is not None and event.event == "finalized"
+    assert event.data["data"]["batch_id"] == batch.batch_id
