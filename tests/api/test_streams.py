@@ -11,7 +11,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
-from reconciler.app import Ports, Role
+from reconciler.app import Ports, Role, open_ports
 from reconciler.config import Settings
 from reconciler.finalization import Outcome, finalize
 from tests.api.served import assert_error, serving
@@ -182,3 +182,27 @@ async def test_a_transaction_open_in_another_database_does_not_hold_events_back(
         await elsewhere.close()
     assert event is not None and event.event == "finalized"
     assert event.data["data"]["batch_id"] == batch.batch_id
+
+
+async def test_without_listen_both_streams_fall_back_to_polling(settings: Settings) -> None:
+    """Ports opened without LISTEN (as behind PgBouncer in transaction mode): nothing
+    wakes the streams, which still send progress and `finalized` by re-reading.
+    """
+    async with open_ports(settings, listen=False) as ports:
+        assert not ports.notifications.live
+        batch = await submit(ports, files(1))
+        async with (
+            serving(quiet(settings), ports, Role.API) as served,
+            streaming(served.http, f"/api/batches/{batch.batch_id}/events") as one,
+            streaming(served.http, "/api/events") as every,
+        ):
+            first = await one.next_event()
+            assert first is not None and (first.event, first.id) == ("progress", "0")
+            await record(ports, batch.batch_id, ["f00000"])
+            moved = await one.next_event()
+            assert moved is not None and (moved.event, moved.id) == ("progress", "1")
+            await finished(ports, batch.batch_id)
+            final = await one.next_event()
+            announced = await every.next_event()
+    assert final is not None and final.event == "finalized"
+    assert announced is not None and announced.id == final.id
