@@ -68,22 +68,24 @@ class Deliverer:
                         if not await self._start_due(tg, sender):
                             await self._idle()
 
-    async def _start_due(self, tg: TaskGroup, sender: WebhookSender) -> int:
-        """Claims as many due deliveries as there are free slots and starts them."""
+    async def _start_due(self, tg: TaskGroup, sender: WebhookSender) -> bool:
+        """Claims as many due deliveries as there are free slots and starts them; True
+        when they filled every free slot (more may be due: claim again at once).
+        """
         free = DELIVERY_CONCURRENCY - self._busy
         if free <= 0:
-            return 0
+            return False
         try:
             claimed = await delivery.claim(
                 self._db, self._owner, free, lease_s(self._settings), with_hook=bool(self._hook)
             )
         except RetryableError as exc:
             log.warning("delivery_claim_failed", error=str(exc))
-            return 0
+            return False
         for item in claimed:
             self._busy += 1
             tg.start_soon(self._attempt, item, sender)
-        return len(claimed)
+        return len(claimed) == free
 
     async def _idle(self) -> None:
         """Waits for the next poll, a finalization anywhere, or a slot to free up."""
@@ -99,7 +101,8 @@ class Deliverer:
             raise
         finally:
             self._busy -= 1
-            self._wakeup.wake()  # a slot is free
+            if self._busy == DELIVERY_CONCURRENCY - 1:
+                self._wakeup.wake()  # every slot was taken: claim again now
 
     async def _release(self, claimed: Claimed) -> None:
         """On a stop, lets another replica retry now rather than when the lease runs out."""
