@@ -126,6 +126,9 @@ def _wait_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-listen", action="store_true", help="open the client without LISTEN (polling)"
     )
+    parser.add_argument(
+        "--webhook", action="store_true", help="also subscribe a local receiver; its latency"
+    )
     parser.add_argument("--log-dir", type=Path, help="service logs (default: a new temp dir)")
 
 
@@ -193,7 +196,7 @@ async def _throughput(args: argparse.Namespace, server: Server) -> dict[str, Any
     if not args.webhook:
         return await throughput.run(server, options)
     with receiving() as receiver:
-        return await throughput.run(server, dataclasses.replace(options, webhook_url=receiver.url))
+        return await throughput.run(server, dataclasses.replace(options, receiver=receiver))
 
 
 async def _baseline(args: argparse.Namespace, server: Server) -> dict[str, Any]:
@@ -252,7 +255,9 @@ async def _webhook(args: argparse.Namespace, server: Server) -> dict[str, Any]:
 
 
 async def _wait(args: argparse.Namespace, server: Server) -> dict[str, Any]:
-    options = wait_latency.WaitOptions(args.rounds, args.work_s, not args.no_listen, _log_dir(args))
+    options = wait_latency.WaitOptions(
+        args.rounds, args.work_s, not args.no_listen, _log_dir(args), args.webhook
+    )
     return await wait_latency.run(server, options)
 
 

@@ -142,3 +142,8 @@ FROM (SELECT 1000 * extract(epoch FROM delivered_at - finalized_at)::double prec
 -- When the batch's run summary was written, in seconds since the epoch.
 SELECT extract(epoch FROM completed_at)::double precision FROM run_summaries
 WHERE batch_id = $1;
+
+-- name: delivered_events
+-- Each delivered event with its finalization time, in seconds since the epoch.
+SELECT event_id, extract(epoch FROM finalized_at)::double precision AS finalized_s
+FROM deliveries WHERE state = 'delivered';

@@ -1,13 +1,15 @@
 """A local webhook receiver for the benchmarks: answers every POST 200 at once.
 
 It runs in its own thread (as a subscriber's server would be its own process), reads
-each body and counts the `webhook-id`s it acknowledged; it does not verify signatures,
-which the tests do with the `standardwebhooks` library.
+each body, counts the `webhook-id`s (event ids) it acknowledged and keeps when it first
+answered 200 to each (wall clock, to compare with the database's on the same host); it
+does not verify signatures, which the tests do with the `standardwebhooks` library.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,15 +23,14 @@ class Receiver:
     def __init__(self, port: int) -> None:
         self.url = f"http://{HOST}:{port}/hook"
         self.acknowledged: Counter[str] = Counter()
+        self.answered_at: dict[str, float] = {}  # event id -> first 2xx sent (epoch s)
         self._lock = threading.Lock()
 
     def record(self, webhook_id: str) -> None:
+        answered = time.time()
         with self._lock:
             self.acknowledged[webhook_id] += 1
-
-    def reset(self) -> None:
-        with self._lock:
-            self.acknowledged.clear()
+            self.answered_at.setdefault(webhook_id, answered)
 
 
 class _Server(ThreadingHTTPServer):
@@ -60,10 +61,10 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        cast(_Server, self.server).receiver.record(self.headers.get("webhook-id", ""))
         self.send_response(200)
         self.send_header("Content-Length", "0")
-        self.end_headers()
+        self.end_headers()  # sent: the 2xx is on its way
+        cast(_Server, self.server).receiver.record(self.headers.get("webhook-id", ""))
 
     def log_message(self, format: str, *args: object) -> None:
         return  # quiet: thousands of requests per run

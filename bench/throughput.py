@@ -2,8 +2,9 @@
 
 The clock runs from the first batch created to the last run summary committed, both
 read from the database, so the progress poll's period adds nothing to the figure.
-With `webhook_url`, one webhook is subscribed before the service starts; the run then
-also waits for every delivery and reports their latency, finalization -> 2xx recorded.
+With a `receiver`, its URL is subscribed as a webhook before the service starts; the
+run then also waits for every delivery and reports their latency: finalization (the
+event's `finalized_at`) -> the receiver's 2xx sent, and -> the delivery recorded.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import asyncpg
 
 from bench import cpu, profiling
 from bench.errors import BenchError
-from bench.report import note, progress_bar, ratio
+from bench.receiver import Receiver
+from bench.report import note, percentiles, progress_bar, ratio
 from bench.scratch import Scratch, Server, migrate, scratch
 from bench.service import SWEEP_INTERVAL_S, ServiceProcess, handler_spec, running, service_env
 from bench.sql import QUERIES
@@ -45,7 +47,7 @@ class ThroughputOptions:
     profile_format: str = "raw"
     profile_native: bool = False
     profile_rate_hz: int = profiling.SAMPLE_RATE_HZ
-    webhook_url: str | None = None  # subscribed to batch.finalized before the run
+    receiver: Receiver | None = None  # subscribed to batch.finalized before the run
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,8 +79,8 @@ async def run(server: Server, options: ThroughputOptions) -> dict[str, Any]:
     """One throughput run in a throwaway database; returns the JSON figures."""
     async with scratch(server) as place:
         migrate(place)
-        if options.webhook_url:
-            await _subscribe(place.database_url, options.webhook_url)
+        if options.receiver is not None:
+            await subscribe(place.database_url, options.receiver.url)
         observed = await _drive(place, options)
         return await _figures(place.database_url, options, observed)
 
@@ -97,8 +99,8 @@ async def _drive(place: Scratch, options: ThroughputOptions) -> Observed:
             submit_s, polls = await _submit_and_wait(place, options, services, meter)
         wall = time.perf_counter() - began
         used = meter.usage()
-        if options.webhook_url:
-            await _wait_delivered(place.database_url, options)
+        if options.receiver is not None:
+            await wait_delivered(place.database_url, options)
         rss = [round(s.peak_rss_mb(), 1) for s in services]
         ended = [s.cpu_s() for s in services]
     events = sum(_finalized_events(s) for s in services)
@@ -163,7 +165,7 @@ async def _wait_finalized(
         await conn.close()
 
 
-async def _subscribe(url: str, webhook_url: str) -> None:
+async def subscribe(url: str, webhook_url: str) -> None:
     db = await Database.connect(url, max_size=1)
     try:
         await webhooks.create(db, webhook_url)
@@ -171,7 +173,7 @@ async def _subscribe(url: str, webhook_url: str) -> None:
         await db.close()
 
 
-async def _wait_delivered(url: str, options: ThroughputOptions) -> None:
+async def wait_delivered(url: str, options: ThroughputOptions) -> None:
     """Waits until every batch's event is delivered (after the clock has stopped)."""
     conn = await asyncpg.connect(url)
     try:
@@ -224,11 +226,31 @@ async def _figures(url: str, options: ThroughputOptions, seen: Observed) -> dict
         "table_scans": scans,
         "database_activity": {**activity, "harness_polls": seen.polls},
         "per_file": _per_file(activity, seen.polls, files),
-        "webhook": options.webhook_url is not None,
-        "delivery_latency_ms": _latency(delivery) if delivery.get("n") else None,
+        "webhook": options.receiver is not None,
+        "delivery_latency_ms": await answered_ms(url, options.receiver),
+        "delivery_recorded_ms": _latency(delivery) if delivery.get("n") else None,
         "checks": checks(totals, options, seen.finalized_log_events, int(delivery.get("n") or 0)),
         "logs": str(options.log_dir),
     }
+
+
+async def answered_ms(url: str, receiver: Receiver | None) -> dict[str, float | int] | None:
+    """Finalization -> the receiver's 2xx, per delivered event it answered, in ms."""
+    if receiver is None:
+        return None
+    conn = await asyncpg.connect(url)
+    try:
+        rows = await conn.fetch(QUERIES["delivered_events"])
+    finally:
+        await conn.close()
+    answered = receiver.answered_at
+    return percentiles(
+        [
+            1000 * (answered[r["event_id"]] - r["finalized_s"])
+            for r in rows
+            if r["event_id"] in answered
+        ]
+    )
 
 
 def _others_s(seen: Observed) -> float | None:
@@ -282,7 +304,7 @@ def checks(
     found = {key: int(value) for key, value in totals.items()}
     found["finalized_log_events"] = log_events
     found["delivered"] = delivered
-    wanted_deliveries = options.batches if options.webhook_url else 0
+    wanted_deliveries = options.batches if options.receiver is not None else 0
     found["ok"] = (
         found["batches"] == options.batches
         and found["summaries"] == options.batches

@@ -5,7 +5,9 @@ so the waiter is already waiting when the service finalizes it; the latency is t
 waiter's return (wall clock) minus the run summary's `completed_at` (the same host's
 clock, set inside the finalizing transaction: an upper bound on commit -> return).
 With `listen=False` the client opens its ports without LISTEN, as behind PgBouncer in
-transaction mode, and falls back to polling.
+transaction mode, and falls back to polling. With `webhook`, a local receiver is
+subscribed too, and the delivery latency (finalization -> its 2xx) of these one-batch-
+at-a-time rounds is reported: the latency of a service that is not saturated.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from typing import Any, Final
 
 import asyncpg
 
+from bench import throughput
+from bench.receiver import receiving
 from bench.report import note
 from bench.scratch import Server, migrate, scratch
 from bench.service import SWEEP_INTERVAL_S, running, service_env
@@ -37,6 +41,7 @@ class WaitOptions:
     work_s: float = WORK_S
     listen: bool = True
     log_dir: Path = Path(".")
+    webhook: bool = False
 
 
 async def run(server: Server, options: WaitOptions) -> dict[str, Any]:
@@ -46,9 +51,16 @@ async def run(server: Server, options: WaitOptions) -> dict[str, Any]:
         settings = Settings(
             database_url=place.database_url, redis_url=place.redis_url, namespace=place.namespace
         )
-        with running(env, options.log_dir):
-            latencies = await _rounds(settings, options)
-    return figures_of(options, latencies)
+        with receiving() as receiver:
+            if options.webhook:
+                await throughput.subscribe(place.database_url, receiver.url)
+            with running(env, options.log_dir):
+                latencies = await _rounds(settings, options)
+                if options.webhook:
+                    batches = throughput.ThroughputOptions(batches=options.rounds, files=1)
+                    await throughput.wait_delivered(place.database_url, batches)
+            delivery = await throughput.answered_ms(place.database_url, receiver)
+    return {**figures_of(options, latencies), "delivery_latency_ms": delivery}
 
 
 async def _rounds(settings: Settings, options: WaitOptions) -> list[float]:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from bench import throughput
-from bench.receiver import receiving
+from bench.receiver import Receiver, receiving
 from bench.report import note
 from bench.scratch import Server
 
@@ -44,8 +44,8 @@ async def run(server: Server, options: WebhookOptions) -> dict[str, Any]:
             figures: dict[str, dict[str, Any]] = {}
             for side in order(index):
                 note(f"round {index + 1}/{options.rounds}: {side}")
-                url = receiver.url if side == "webhook" else None
-                result = await throughput.run(server, _options(options, index, side, url))
+                sink = receiver if side == "webhook" else None
+                result = await throughput.run(server, _options(options, index, side, sink))
                 figures[side] = summary(result)
                 note(f"{side}: {figures[side]['files_per_s']} files/s")
             rounds.append({"round": index + 1, "order": list(order(index)), **figures})
@@ -54,13 +54,13 @@ async def run(server: Server, options: WebhookOptions) -> dict[str, Any]:
 
 
 def _options(
-    options: WebhookOptions, index: int, side: str, url: str | None
+    options: WebhookOptions, index: int, side: str, receiver: Receiver | None
 ) -> throughput.ThroughputOptions:
     log_dir = options.log_dir / f"round-{index + 1}-{side}"
     log_dir.mkdir(parents=True, exist_ok=True)
     return throughput.ThroughputOptions(
         batches=options.batches, files=options.files, handler="noop",
-        timeout_s=options.timeout_s, log_dir=log_dir, webhook_url=url,
+        timeout_s=options.timeout_s, log_dir=log_dir, receiver=receiver,
     )  # fmt: skip
 
 
@@ -70,6 +70,7 @@ def summary(result: dict[str, Any]) -> dict[str, Any]:
         "wall_s": result["wall_s"],
         "service_cpu_us_per_file": result["cpu_us_per_file"]["service"],
         "delivery_latency_ms": result["delivery_latency_ms"],
+        "delivery_recorded_ms": result["delivery_recorded_ms"],
         "ok": result["checks"]["ok"],
     }
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bench import baseline, cli, profiling, summary_http, webhook
+from bench import baseline, cli, profiling, report, summary_http, webhook
 from bench import wait as wait_latency
 
 PGBENCH_OUT = """\
@@ -76,8 +76,8 @@ def test_webhook_and_wait_options_parse_and_the_sides_alternate() -> None:
     assert parser.parse_args(["throughput"]).webhook is False
     ab = parser.parse_args(["webhook", "--rounds", "4", "--batches", "20"])
     assert (ab.rounds, ab.batches, ab.files) == (4, 20, 50)
-    waited = parser.parse_args(["wait", "--no-listen", "--rounds", "5"])
-    assert (waited.no_listen, waited.rounds) == (True, 5)
+    waited = parser.parse_args(["wait", "--no-listen", "--rounds", "5", "--webhook"])
+    assert (waited.no_listen, waited.rounds, waited.webhook) == (True, 5, True)
     assert [webhook.order(i) for i in range(3)] == [
         ("none", "webhook"), ("webhook", "none"), ("none", "webhook"),
     ]  # fmt: skip
@@ -102,6 +102,12 @@ def test_webhook_figures_give_medians_spread_and_the_drop() -> None:
     assert result["delivery_latency_ms"]["p99"] == {"median": 60.0, "min": 40.0, "max": 150.0}
     assert result["checks"]["drop_within_5_percent"] is True
     assert result["checks"]["p99_within_100_ms"] is False
+
+
+def test_percentiles_are_nearest_rank() -> None:
+    values = [float(v) for v in range(1, 201)]
+    assert report.percentiles(values) == {"p50": 100.0, "p99": 198.0, "max": 200.0, "n": 200}
+    assert report.percentiles([])["n"] == 0
 
 
 def test_wait_figures_take_percentiles_of_the_rounds() -> None:

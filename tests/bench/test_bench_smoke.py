@@ -92,13 +92,15 @@ def test_webhook_runs_both_sides_and_delivers_every_event(
     (only,) = result["rounds"]
     assert only["order"] == ["none", "webhook"]
     assert only["none"]["delivery_latency_ms"] is None
-    assert only["webhook"]["delivery_latency_ms"]["n"] == 3
+    assert only["webhook"]["delivery_latency_ms"]["n"] == 3  # answered by the receiver
+    assert only["webhook"]["delivery_recorded_ms"]["n"] == 3
     assert result["checks"]["ok"] is True and result["checks"]["duplicate_acknowledgements"] == 0
 
 
 def test_wait_returns_after_each_finalization(services: Endpoints, tmp_path: Path) -> None:
     """wait: every round's Client.wait returned, with latency percentiles."""
-    result = bench(services, "wait", "--rounds", "3", "--work-s", "0.05",
+    result = bench(services, "wait", "--rounds", "3", "--work-s", "0.05", "--webhook",
                    "--log-dir", str(tmp_path))  # fmt: skip
     assert (result["rounds"], result["listen"], result["checks"]["ok"]) == (3, True, True)
+    assert result["delivery_latency_ms"]["n"] == 3
     assert {"p50", "p99", "min", "max"} <= result["latency_ms"].keys()
