@@ -59,7 +59,8 @@ async def run(server: Server, options: WaitOptions) -> dict[str, Any]:
                 if options.webhook:
                     batches = throughput.ThroughputOptions(batches=options.rounds, files=1)
                     await throughput.wait_delivered(place.database_url, batches)
-            delivery = await throughput.answered_ms(place.database_url, receiver)
+            subscribed = receiver if options.webhook else None
+            delivery = await throughput.answered_ms(place.database_url, subscribed)
     return {**figures_of(options, latencies), "delivery_latency_ms": delivery}
 
 
