@@ -17,8 +17,20 @@ from typing import Any, Final
 
 import anyio
 
-from bench import baseline, peer, profiling, submission, summary_http, sweep, throughput, versus
+from bench import (
+    baseline,
+    peer,
+    profiling,
+    submission,
+    summary_http,
+    sweep,
+    throughput,
+    versus,
+    webhook,
+)
+from bench import wait as wait_latency
 from bench.errors import BenchError
+from bench.receiver import receiving
 from bench.report import emit, note, ratio
 from bench.scratch import Server, pg_setting
 from reconciler import logs
@@ -60,6 +72,14 @@ def build_parser() -> argparse.ArgumentParser:
             "versus-bullmq", parents=[common], help="ours and the BullMQ flows peer, alternately"
         )
     )
+    _webhook_args(
+        sub.add_parser(
+            "webhook", parents=[common], help="throughput with one webhook vs none, alternately"
+        )
+    )
+    _wait_args(
+        sub.add_parser("wait", parents=[common], help="Client.wait return after finalization")
+    )
     flame = sub.add_parser("flame", help="top functions of a py-spy raw profile")
     flame.add_argument("stacks", type=Path)
     flame.add_argument("--top", type=int, default=25)
@@ -86,6 +106,30 @@ def _throughput_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--profile-format", default="raw", choices=["raw", "flamegraph", "speedscope"]
     )
+    parser.add_argument(
+        "--webhook", action="store_true",
+        help="subscribe one webhook (a local receiver answering 200); report delivery latency",
+    )  # fmt: skip
+
+
+def _webhook_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--batches", type=int, default=200)
+    parser.add_argument("--files", type=int, default=50, help="files per batch")
+    parser.add_argument("--rounds", type=int, default=3, help="runs of each side, alternating")
+    parser.add_argument("--timeout-s", type=float, default=600.0, help="per run")
+    parser.add_argument("--log-dir", type=Path, help="service logs (default: a new temp dir)")
+
+
+def _wait_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--rounds", type=int, default=wait_latency.ROUNDS)
+    parser.add_argument("--work-s", type=float, default=wait_latency.WORK_S, help="file work")
+    parser.add_argument(
+        "--no-listen", action="store_true", help="open the client without LISTEN (polling)"
+    )
+    parser.add_argument(
+        "--webhook", action="store_true", help="also subscribe a local receiver; its latency"
+    )
+    parser.add_argument("--log-dir", type=Path, help="service logs (default: a new temp dir)")
 
 
 def _baseline_args(parser: argparse.ArgumentParser) -> None:
@@ -148,7 +192,11 @@ def _baseline_options(args: argparse.Namespace) -> baseline.BaselineOptions:
 
 
 async def _throughput(args: argparse.Namespace, server: Server) -> dict[str, Any]:
-    return await throughput.run(server, _throughput_options(args))
+    options = _throughput_options(args)
+    if not args.webhook:
+        return await throughput.run(server, options)
+    with receiving() as receiver:
+        return await throughput.run(server, dataclasses.replace(options, receiver=receiver))
 
 
 async def _baseline(args: argparse.Namespace, server: Server) -> dict[str, Any]:
@@ -157,7 +205,7 @@ async def _baseline(args: argparse.Namespace, server: Server) -> dict[str, Any]:
 
 async def _compare(args: argparse.Namespace, server: Server) -> dict[str, Any]:
     floor = await baseline.run(server, _baseline_options(args))
-    figures = await throughput.run(server, _throughput_options(args))
+    figures = await _throughput(args, server)
     return {
         "benchmark": "compare",
         "files_per_s": figures["files_per_s"],
@@ -198,6 +246,21 @@ async def _versus(args: argparse.Namespace, server: Server) -> dict[str, Any]:
     return await versus.run(server, options)
 
 
+async def _webhook(args: argparse.Namespace, server: Server) -> dict[str, Any]:
+    options = webhook.WebhookOptions(
+        batches=args.batches, files=args.files, rounds=args.rounds,
+        timeout_s=args.timeout_s, log_dir=_log_dir(args),
+    )  # fmt: skip
+    return await webhook.run(server, options)
+
+
+async def _wait(args: argparse.Namespace, server: Server) -> dict[str, Any]:
+    options = wait_latency.WaitOptions(
+        args.rounds, args.work_s, not args.no_listen, _log_dir(args), args.webhook
+    )
+    return await wait_latency.run(server, options)
+
+
 async def _flame(args: argparse.Namespace, _: Server) -> dict[str, Any]:
     return {"benchmark": "flame", **profiling.summarize(args.stacks, args.top, args.focus)}
 
@@ -210,6 +273,8 @@ COMMANDS: Final[dict[str, Command]] = {
     "submit": _submit,
     "summary-http": _summary_http,
     "versus-bullmq": _versus,
+    "webhook": _webhook,
+    "wait": _wait,
     "flame": _flame,
 }
 

@@ -124,3 +124,26 @@ SELECT xact_commit, xact_rollback, tup_inserted, tup_updated, tup_deleted, tup_f
        tup_returned, blks_hit, blks_read
 FROM pg_stat_database
 WHERE datname = current_database();
+
+-- name: delivered_count
+-- Deliveries acknowledged with a 2xx so far.
+SELECT count(*) FROM deliveries WHERE state = 'delivered';
+
+-- name: delivery_latency
+-- Delivery latency: finalization -> the 2xx recorded, per delivered event, in ms.
+SELECT count(*) AS n,
+       percentile_cont(0.5) WITHIN GROUP (ORDER BY ms) AS p50,
+       percentile_cont(0.99) WITHIN GROUP (ORDER BY ms) AS p99,
+       max(ms) AS max
+FROM (SELECT 1000 * extract(epoch FROM delivered_at - finalized_at)::double precision AS ms
+      FROM deliveries WHERE state = 'delivered') AS delivered;
+
+-- name: completed_epoch
+-- When the batch's run summary was written, in seconds since the epoch.
+SELECT extract(epoch FROM completed_at)::double precision FROM run_summaries
+WHERE batch_id = $1;
+
+-- name: delivered_events
+-- Each delivered event with its finalization time, in seconds since the epoch.
+SELECT event_id, extract(epoch FROM finalized_at)::double precision AS finalized_s
+FROM deliveries WHERE state = 'delivered';

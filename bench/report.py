@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -53,3 +54,20 @@ def ms(seconds: float) -> float:
 
 def ratio(numerator: float, denominator: float) -> float | None:
     return round(numerator / denominator, 3) if denominator else None
+
+
+def percentiles(values: Sequence[float]) -> dict[str, float | int]:
+    """p50, p99 (nearest rank), max and n of the values, rounded to 0.001."""
+    ordered = sorted(values)
+    if not ordered:
+        return {"p50": 0.0, "p99": 0.0, "max": 0.0, "n": 0}
+
+    def rank(q: float) -> float:
+        return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
+    return {
+        "p50": round(rank(0.5), 3),
+        "p99": round(rank(0.99), 3),
+        "max": round(ordered[-1], 3),
+        "n": len(ordered),
+    }

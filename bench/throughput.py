@@ -2,6 +2,9 @@
 
 The clock runs from the first batch created to the last run summary committed, both
 read from the database, so the progress poll's period adds nothing to the figure.
+With a `receiver`, its URL is subscribed as a webhook before the service starts; the
+run then also waits for every delivery and reports their latency: finalization (the
+event's `finalized_at`) -> the receiver's 2xx sent, and -> the delivery recorded.
 """
 
 from __future__ import annotations
@@ -16,12 +19,15 @@ import asyncpg
 
 from bench import cpu, profiling
 from bench.errors import BenchError
-from bench.report import note, progress_bar, ratio
+from bench.receiver import Receiver
+from bench.report import note, percentiles, progress_bar, ratio
 from bench.scratch import Scratch, Server, migrate, scratch
 from bench.service import SWEEP_INTERVAL_S, ServiceProcess, handler_spec, running, service_env
 from bench.sql import QUERIES
+from reconciler import webhooks
 from reconciler.client import Client, FileSpec
 from reconciler.config import Settings
+from reconciler.database import Database
 
 POLL_INTERVAL_S: Final = 0.1
 SUBMITTERS: Final = 8
@@ -41,6 +47,7 @@ class ThroughputOptions:
     profile_format: str = "raw"
     profile_native: bool = False
     profile_rate_hz: int = profiling.SAMPLE_RATE_HZ
+    receiver: Receiver | None = None  # subscribed to batch.finalized before the run
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +79,8 @@ async def run(server: Server, options: ThroughputOptions) -> dict[str, Any]:
     """One throughput run in a throwaway database; returns the JSON figures."""
     async with scratch(server) as place:
         migrate(place)
+        if options.receiver is not None:
+            await subscribe(place.database_url, options.receiver.url)
         observed = await _drive(place, options)
         return await _figures(place.database_url, options, observed)
 
@@ -90,6 +99,8 @@ async def _drive(place: Scratch, options: ThroughputOptions) -> Observed:
             submit_s, polls = await _submit_and_wait(place, options, services, meter)
         wall = time.perf_counter() - began
         used = meter.usage()
+        if options.receiver is not None:
+            await wait_delivered(place.database_url, options)
         rss = [round(s.peak_rss_mb(), 1) for s in services]
         ended = [s.cpu_s() for s in services]
     events = sum(_finalized_events(s) for s in services)
@@ -154,6 +165,29 @@ async def _wait_finalized(
         await conn.close()
 
 
+async def subscribe(url: str, webhook_url: str) -> None:
+    db = await Database.connect(url, max_size=1)
+    try:
+        await webhooks.create(db, webhook_url)
+    finally:
+        await db.close()
+
+
+async def wait_delivered(url: str, options: ThroughputOptions) -> None:
+    """Waits until every batch's event is delivered (after the clock has stopped)."""
+    conn = await asyncpg.connect(url)
+    try:
+        with anyio.fail_after(options.timeout_s):
+            while True:
+                if await conn.fetchval(QUERIES["delivered_count"]) >= options.batches:
+                    return
+                await anyio.sleep(POLL_INTERVAL_S)
+    except TimeoutError:
+        raise BenchError(f"not every event delivered within {options.timeout_s:g} s") from None
+    finally:
+        await conn.close()
+
+
 def _finalized_events(service: ServiceProcess) -> int:
     return sum(1 for event in service.events() if event.get("event") == "batch_finalized")
 
@@ -166,6 +200,7 @@ async def _figures(url: str, options: ThroughputOptions, seen: Observed) -> dict
         wall_s = float(await conn.fetchval(QUERIES["run_wall_s"]) or 0.0)
         scans = {row["table"]: _plain(row) for row in await conn.fetch(QUERIES["table_scans"])}
         activity = _plain(await conn.fetchrow(QUERIES["database_activity"]) or {})
+        delivery = dict(await conn.fetchrow(QUERIES["delivery_latency"]) or {})
     finally:
         await conn.close()
     files = options.batches * options.files
@@ -191,9 +226,31 @@ async def _figures(url: str, options: ThroughputOptions, seen: Observed) -> dict
         "table_scans": scans,
         "database_activity": {**activity, "harness_polls": seen.polls},
         "per_file": _per_file(activity, seen.polls, files),
-        "checks": checks(totals, options, seen.finalized_log_events),
+        "webhook": options.receiver is not None,
+        "delivery_latency_ms": await answered_ms(url, options.receiver),
+        "delivery_recorded_ms": _latency(delivery) if delivery.get("n") else None,
+        "checks": checks(totals, options, seen.finalized_log_events, int(delivery.get("n") or 0)),
         "logs": str(options.log_dir),
     }
+
+
+async def answered_ms(url: str, receiver: Receiver | None) -> dict[str, float | int] | None:
+    """Finalization -> the receiver's 2xx, per delivered event it answered, in ms."""
+    if receiver is None:
+        return None
+    conn = await asyncpg.connect(url)
+    try:
+        rows = await conn.fetch(QUERIES["delivered_events"])
+    finally:
+        await conn.close()
+    answered = receiver.answered_at
+    return percentiles(
+        [
+            1000 * (answered[r["event_id"]] - r["finalized_s"])
+            for r in rows
+            if r["event_id"] in answered
+        ]
+    )
 
 
 def _others_s(seen: Observed) -> float | None:
@@ -238,11 +295,16 @@ def _latency(row: Any) -> dict[str, float | int]:
     }
 
 
-def checks(totals: dict[str, Any], options: ThroughputOptions, log_events: int) -> dict[str, Any]:
-    """Every batch finalized exactly once, with every file counted once."""
+def checks(
+    totals: dict[str, Any], options: ThroughputOptions, log_events: int, delivered: int = 0
+) -> dict[str, Any]:
+    """Every batch finalized exactly once, with every file counted once (and, with a
+    webhook, every batch's event delivered once)."""
     files = options.batches * options.files
     found = {key: int(value) for key, value in totals.items()}
     found["finalized_log_events"] = log_events
+    found["delivered"] = delivered
+    wanted_deliveries = options.batches if options.receiver is not None else 0
     found["ok"] = (
         found["batches"] == options.batches
         and found["summaries"] == options.batches
@@ -250,5 +312,6 @@ def checks(totals: dict[str, Any], options: ThroughputOptions, log_events: int) 
         and found["summary_files"] == files
         and found["summary_files_done"] == files
         and found["files_unfinished"] == 0
+        and delivered == wanted_deliveries
     )
     return found

@@ -29,6 +29,7 @@ from reconciler.database import Database
 from reconciler.errors import ConfigError, TerminalError
 from reconciler.execution import Executor
 from reconciler.handlers import load_handler
+from reconciler.notifications import Notifications
 from reconciler.queue import JobQueue
 from reconciler.recording import BatchProgress
 from reconciler.supervisor import Actor, Health, supervise
@@ -50,11 +51,19 @@ class Role(enum.StrEnum):
 class Ports:
     db: Database
     queue: JobQueue
+    # Polling only, unless opened by `open_ports` with `listen` (its default).
+    notifications: Notifications = field(default_factory=Notifications)
 
 
 @asynccontextmanager
-async def open_ports(settings: Settings) -> AsyncIterator[Ports]:
-    """Connects to Postgres and Redis; closes both on exit."""
+async def open_ports(settings: Settings, *, listen: bool = True) -> AsyncIterator[Ports]:
+    """Connects to Postgres and Redis, and LISTENs on a connection of its own; closes
+    them all on exit.
+
+    `listen=False`, or `RECONCILER_DATABASE_POOLER=transaction` (LISTEN cannot work
+    through PgBouncer in transaction mode), opens no listening connection: then every
+    waiter, stream and the delivery actor poll.
+    """
     if not settings.database_url:
         raise ConfigError("RECONCILER_DATABASE_URL: not set")
     if not settings.redis_url:
@@ -63,8 +72,11 @@ async def open_ports(settings: Settings) -> AsyncIterator[Ports]:
         settings.database_url, max_size=_pool_size(settings), pooler=settings.database_pooler
     )
     queue = JobQueue.connect(settings.redis_url, settings.namespace)
+    listen = listen and settings.database_pooler != "transaction"
+    notifications = Notifications(settings.database_url if listen else None)
     try:
-        yield Ports(db, queue)
+        async with notifications.running():
+            yield Ports(db, queue, notifications)
     finally:
         with anyio.CancelScope(shield=True):
             await queue.close()
@@ -98,10 +110,12 @@ class Service:
             self.actors.append(Sweeper(self.settings, self.ports.db, self.ports.queue))
         if wants & {Role.WORKER, Role.SWEEPER}:
             # Completion callbacks go out from every role that does background work.
-            self.actors.append(Deliverer(self.settings, self.ports.db))
+            deliverer = Deliverer(self.settings, self.ports.db, self.ports.notifications)
+            self.actors.append(deliverer)
+        ports = self.ports
         self.api = Api(
-            self.settings, self.ports.db, self.ports.queue, self.health, self.stop,
-            batches_api=Role.API in wants,
+            self.settings, ports.db, ports.queue, self.health, self.stop,
+            batches_api=Role.API in wants, notifications=ports.notifications,
         )  # fmt: skip
 
     def _add_worker(self) -> None:

@@ -24,8 +24,10 @@ from reconciler.app import Ports, open_ports
 from reconciler.batches import FileSpec, Submitted
 from reconciler.config import Settings
 from reconciler.errors import UsageError, WaitTimeout
+from reconciler.notifications import Notifications
 
-POLL_INTERVAL_S: Final = 0.1
+POLL_INTERVAL_S: Final = 0.1  # without LISTEN (PgBouncer in transaction mode)
+RECHECK_S: Final = 1.0  # with LISTEN: the safety-net re-read between notifications
 
 __all__ = ["Client", "FileSpec", "Submitted", "files_from_paths"]
 
@@ -86,7 +88,11 @@ class Client:
     async def wait(
         self, batch_id: str, *, timeout_s: float = 600.0, progress: bool = False
     ) -> dict[str, Any]:
-        """Polls until the run summary exists; shows a progress bar if asked."""
+        """Waits until the run summary exists; shows a progress bar if asked.
+
+        Woken by Postgres notifications the moment a batch moves; it re-reads the state
+        on every wake-up, and each second anyway (every 0.1 s without LISTEN).
+        """
         with anyio.move_on_after(timeout_s):
             if progress:
                 return await self._wait_with_bar(batch_id)
@@ -98,21 +104,33 @@ class Client:
         )
 
     async def _wait_quietly(self, batch_id: str) -> dict[str, Any]:
-        while (found := await self.summary(batch_id)) is None:
-            await self.progress(batch_id)  # raises BatchNotFound for an unknown id
-            await anyio.sleep(POLL_INTERVAL_S)
+        with self._notifications.watch(batch_id) as watch:
+            while (found := await self.summary(batch_id)) is None:
+                await self.progress(batch_id)  # raises BatchNotFound for an unknown id
+                await watch.wait(self._recheck_s)
         return found
 
     async def _wait_with_bar(self, batch_id: str) -> dict[str, Any]:
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("{task.fields[failed]} failed"), TimeElapsedColumn())  # fmt: skip
-        with Progress(*columns, console=Console(stderr=True)) as bar:
+        with (
+            self._notifications.watch(batch_id) as watch,
+            Progress(*columns, console=Console(stderr=True)) as bar,
+        ):
             state = await self.progress(batch_id)
             task = bar.add_task(batch_id, total=state["total_files"], failed=0)
             while (found := await self.summary(batch_id)) is None:
                 state = await self.progress(batch_id)
                 done = state["files_succeeded"] + state["files_failed"]
                 bar.update(task, completed=done, failed=state["files_failed"])
-                await anyio.sleep(POLL_INTERVAL_S)
+                await watch.wait(self._recheck_s)
             bar.update(task, completed=found["total_files"], failed=found["files_failed"])
         return found
+
+    @property
+    def _notifications(self) -> Notifications:
+        return self._ports.notifications
+
+    @property
+    def _recheck_s(self) -> float:
+        return self._notifications.interval(RECHECK_S, POLL_INTERVAL_S)

@@ -40,6 +40,7 @@ DELIVERY_POLL_INTERVAL_S: Final = 1.0
 Pooler = Literal["none", "session", "transaction"]
 DATABASE_POOLER: Final[Pooler] = "none"
 DATABASE_POOLERS: Final[tuple[Pooler, ...]] = get_args(Pooler)
+EVENTS_PING_INTERVAL_S: Final = 15.0
 
 _NAMESPACE_RE: Final = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 _HOST_RE: Final = re.compile(r"^(?=.{1,253}$)[a-z0-9_]([a-z0-9_-]{0,62})(\.[a-z0-9_-]{1,63})*$")
@@ -78,6 +79,7 @@ class Settings:
     delivery_max_age_s: float = DELIVERY_MAX_AGE_S
     delivery_timeout_s: float = DELIVERY_TIMEOUT_S
     delivery_poll_interval_s: float = DELIVERY_POLL_INTERVAL_S
+    events_ping_interval_s: float = EVENTS_PING_INTERVAL_S
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str], **overrides: Any) -> Settings:
@@ -221,4 +223,5 @@ _PARSERS: Final[dict[str, Callable[[str, str], Any]]] = {
     "delivery_max_age_s": _positive_float,
     "delivery_timeout_s": _positive_float,
     "delivery_poll_interval_s": _positive_float,
+    "events_ping_interval_s": _positive_float,
 }

@@ -13,10 +13,11 @@ the pool then keeps no server-side statement cache and leaves no session state b
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, Final, cast
 
+import anyio
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
@@ -196,6 +197,44 @@ class Database:
     async def execute(self, name: str, *args: Any) -> str:
         async with self.session() as session:
             return await session.execute(name, *args)
+
+
+class Listening:
+    """A dedicated connection LISTENing on channels; `lost` is set when it drops."""
+
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self._conn = conn
+        self.lost = anyio.Event()
+        self.backend_pid = conn.get_server_pid()
+
+    async def until_lost(self, check_interval_s: float) -> None:
+        """Returns once the connection is gone; a check each interval finds a silent drop."""
+        while not self.lost.is_set():
+            with anyio.move_on_after(check_interval_s):
+                await self.lost.wait()
+            if not self.lost.is_set():
+                async with translated():
+                    await self._conn.fetchval(QUERIES["ping"], timeout=CONNECT_TIMEOUT_S)
+
+
+@asynccontextmanager
+async def listening(
+    url: str, channels: Sequence[str], on_notify: Callable[[str, str], None]
+) -> AsyncIterator[Listening]:
+    """A connection of its own (LISTEN is session state: never a pooled one)."""
+    # Not shielded: asyncpg closes its socket when cancelled mid-handshake, and a stop
+    # must not wait for the connect timeout while Postgres is unreachable.
+    async with translated():
+        conn = await asyncpg.connect(url, timeout=CONNECT_TIMEOUT_S)
+    try:
+        handle = Listening(conn)
+        conn.add_termination_listener(lambda _: handle.lost.set())
+        async with translated():
+            for channel in channels:
+                await conn.add_listener(channel, lambda _c, _p, ch, data: on_notify(ch, data))
+        yield handle
+    finally:
+        conn.terminate()
 
 
 def columns(rows: Sequence[Row], *names: str) -> tuple[list[Any], ...]:

@@ -67,7 +67,9 @@ WHERE f.batch_id = i.batch_id AND f.file_id = i.file_id
 -- name: record_outcomes
 -- Writes many file outcomes in one statement and moves the per-batch counters.
 -- Only files not yet terminal change, so a redelivered job is never counted twice.
--- Returns each touched batch and whether its last file is now terminal.
+-- Returns each touched batch and whether its last file is now terminal, and notifies
+-- `reconciler_progress` with its new counts. $1..$7: per file the batch, file id,
+-- success, result JSON text, error, handler seconds and attempts started.
 WITH input AS (
     SELECT * FROM unnest($1::text[], $2::text[], $3::boolean[], $4::text[], $5::text[],
                          $6::double precision[], $7::integer[])
@@ -85,13 +87,20 @@ WITH input AS (
 ), counts AS (
     SELECT batch_id, count(*) FILTER (WHERE ok) AS ok, count(*) FILTER (WHERE NOT ok) AS bad
     FROM done GROUP BY batch_id
+), moved AS (
+    UPDATE batches b
+    SET files_succeeded = b.files_succeeded + c.ok, files_failed = b.files_failed + c.bad,
+        last_file_completed_at = now()
+    FROM counts c
+    WHERE b.batch_id = c.batch_id AND b.status = 'processing'
+    RETURNING b.batch_id, b.total_files, b.files_succeeded, b.files_failed
 )
-UPDATE batches b
-SET files_succeeded = b.files_succeeded + c.ok, files_failed = b.files_failed + c.bad,
-    last_file_completed_at = now()
-FROM counts c
-WHERE b.batch_id = c.batch_id AND b.status = 'processing'
-RETURNING b.batch_id, b.files_succeeded + b.files_failed = b.total_files AS complete;
+-- NOTIFY is sent at commit: listeners wake once the new counts are visible.
+SELECT batch_id, files_succeeded + files_failed = total_files AS complete,
+       pg_notify('reconciler_progress', json_build_object(
+           'batch_id', batch_id, 'total_files', total_files,
+           'files_succeeded', files_succeeded, 'files_failed', files_failed)::text) AS notified
+FROM moved;
 
 -- name: renew_leases
 -- Extends the leases of every file this worker ($1) runs by $2 seconds.
@@ -130,7 +139,8 @@ RETURNING files_failed, last_file_completed_at;
 -- timings, errors grouped by message, the handlers' numeric results summed) and its
 -- `batch.finalized` event with the summary as data, fanned out to one delivery row per
 -- enabled webhook subscribed to it and to the registered Python hook: no event without
--- its finalization, no finalization without its event.
+-- its finalization, no finalization without its event. Notifies `reconciler_finalized`
+-- with the batch and event ids, which wakes waiters, streams and the delivery actor.
 -- $1 batch, $2 status, $3 trigger, $4 how many error groups to keep.
 WITH marked AS (
     UPDATE batches
@@ -191,10 +201,13 @@ WITH marked AS (
     SELECT e.event_id, 'hook', NULL, e.created_at, e.created_at
     FROM event e, hook_registrations h
 )
-SELECT completed_at,
-       extract(epoch FROM completed_at - coalesce(last_file_completed_at, created_at))
-           AS latency_s
-FROM summary;
+-- NOTIFY is sent at commit, so the event is in the outbox when listeners wake.
+SELECT s.completed_at,
+       extract(epoch FROM s.completed_at - coalesce(s.last_file_completed_at, s.created_at))
+           AS latency_s,
+       pg_notify('reconciler_finalized', json_build_object(
+           'batch_id', s.batch_id, 'event_id', e.event_id)::text) AS notified
+FROM summary s, event e;
 
 -- name: get_summary
 SELECT batch_id, run_id, status, finalized_by, total_files, files_succeeded, files_failed,
@@ -534,3 +547,55 @@ UPDATE batches SET parent_batch_id = $2 WHERE batch_id = $1;
 -- name: batch_lineage
 -- Batch $1's parent and files digest: tells a repeated retry from a conflicting id.
 SELECT parent_batch_id, files_digest FROM batches WHERE batch_id = $1;
+
+-- name: batch_finalized_event
+-- The `batch.finalized` event of batch $1 from the outbox, if it is finalized.
+SELECT event_id, data FROM events WHERE batch_id = $1 AND type = 'batch.finalized';
+
+-- name: stream_start
+-- Where a stream of finalized events starts when it resumes from nothing: at the
+-- horizon (see finalized_events_after), below which every event has already happened.
+-- Takes no parameter.
+WITH snap AS (SELECT pg_current_snapshot() AS s),
+foreign_xids AS (
+    SELECT backend_xid::text::bigint AS xid FROM pg_stat_activity
+    WHERE backend_xid IS NOT NULL
+      AND datid IS DISTINCT FROM (SELECT oid FROM pg_database WHERE datname = current_database())
+)
+SELECT coalesce(
+           (SELECT min(x) FROM pg_snapshot_xip(snap.s) AS x
+            WHERE x::text::bigint % 4294967296 NOT IN (SELECT xid FROM foreign_xids)),
+           pg_snapshot_xmax(snap.s))::text AS txid,
+       '' AS event_id
+FROM snap;
+
+-- name: stream_cursor
+-- The stream position of event $1 (a resumed stream's Last-Event-ID), if it still exists.
+SELECT txid::text AS txid, event_id FROM events WHERE event_id = $1;
+
+-- name: finalized_events_after
+-- Up to $3 finalized events after the cursor ($1 transaction id as text, $2 event id),
+-- in commit-safe order: only events of transactions below the horizon, the oldest
+-- transaction still running in this snapshot that may be this database's (one running
+-- in another database, as pg_stat_activity says, cannot write an event and must not
+-- hold the stream back); below it no earlier event can ever appear later.
+WITH snap AS (SELECT pg_current_snapshot() AS s),
+foreign_xids AS (
+    SELECT backend_xid::text::bigint AS xid FROM pg_stat_activity
+    WHERE backend_xid IS NOT NULL
+      AND datid IS DISTINCT FROM (SELECT oid FROM pg_database WHERE datname = current_database())
+),
+horizon AS (
+    SELECT coalesce(
+               (SELECT min(x) FROM pg_snapshot_xip(snap.s) AS x
+                WHERE x::text::bigint % 4294967296 NOT IN (SELECT xid FROM foreign_xids)),
+               pg_snapshot_xmax(snap.s)) AS txid
+    FROM snap
+)
+SELECT event_id, batch_id, data, txid::text AS txid
+FROM events
+WHERE type = 'batch.finalized'
+  AND txid < (SELECT txid FROM horizon)
+  AND (txid, event_id) > ($1::text::xid8, $2::text)
+ORDER BY txid, event_id
+LIMIT $3;

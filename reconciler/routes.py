@@ -21,7 +21,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from reconciler import batches, delivery_routes, migrations, operator_routes
+from reconciler import batches, delivery_routes, migrations, operator_routes, stream_routes
 from reconciler.api_models import (
     ID_MAX_CHARS,
     NO_NUL,
@@ -44,6 +44,7 @@ from reconciler.errors import (
     TerminalError,
 )
 from reconciler.finalization import Outcome, finalize
+from reconciler.notifications import Notifications
 from reconciler.queue import JobQueue
 from reconciler.summary_cache import SummaryCache
 from reconciler.supervisor import Health
@@ -93,6 +94,7 @@ class Context:
     queue: JobQueue
     health: Health
     stop: anyio.Event
+    notifications: Notifications
 
 
 def error(status: int, message: str, detail: Any = None, **headers: str) -> JSONResponse:
@@ -113,6 +115,7 @@ def create_app(ctx: Context, *, batches_api: bool = True) -> FastAPI:
         _install_batches(app, ctx)
         delivery_routes.install(app, ctx, *_auth(ctx), plain=[_only_query()])
         operator_routes.install(app, ctx, *_auth(ctx), only_query=_only_query)
+        stream_routes.install(app, ctx, [_only_query()], [_only_query("progress")])
     _install_probes(app, ctx)
     return app
 

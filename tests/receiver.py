@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import socket
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -37,6 +38,7 @@ class Received:
     event_id: str
     payload: dict[str, Any]
     headers: dict[str, str]
+    at: float = field(default_factory=time.perf_counter)  # when it arrived
 
 
 Script = Callable[[int], Answer]  # the n-th request (from 1) -> how to answer it

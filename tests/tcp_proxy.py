@@ -3,12 +3,19 @@
 Put it in front of Postgres or Redis and point the service at `proxy.url`: `stop()`
 refuses new connections and cuts the open ones (the server is gone), `cut()` only
 cuts the open ones (a network blip), `start()` listens again on the same port.
-Built on asyncio streams (the suite's backend), which own every accepted socket.
+
+The proxy accepts on its own listening socket rather than through `asyncio.Server`:
+on Python 3.11 a connection accepted in the loop tick in which the server is closed
+fails `Server._attach()` while its transport is built, asyncio swallows the error and
+nobody closes the accepted socket (an "unclosed transport" ResourceWarning later, and
+a client left waiting on a half-open connection). Here each accepted socket gets its
+forwarding task in the same callback that accepts it, and that task always closes it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from urllib.parse import urlsplit, urlunsplit
@@ -25,7 +32,7 @@ class TcpProxy:
         self._upstream_url = upstream_url
         self._upstream = (parts.hostname or LISTEN_HOST, parts.port or 0)
         self._port = 0
-        self._server: asyncio.Server | None = None
+        self._listener: socket.socket | None = None
         self._writers: set[asyncio.StreamWriter] = set()
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -48,17 +55,19 @@ class TcpProxy:
 
     async def start(self) -> None:
         """Listens (on the same port as before, if it listened before)."""
-        if self._server is None:
-            self._server = await asyncio.start_server(self._forward, LISTEN_HOST, self._port)
-            self._port = self._server.sockets[0].getsockname()[1]
+        if self._listener is None:
+            listener = socket.create_server((LISTEN_HOST, self._port))  # SO_REUSEADDR
+            listener.setblocking(False)
+            self._port = listener.getsockname()[1]
+            asyncio.get_running_loop().add_reader(listener, self._accept, listener)
+            self._listener = listener
 
     async def stop(self) -> None:
         """Stops listening and cuts every open connection: the server is gone."""
-        server, self._server = self._server, None
-        if server is not None:
-            server.close()
-            self.cut()
-            await server.wait_closed()
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            asyncio.get_running_loop().remove_reader(listener)
+            listener.close()
         self.cut()
 
     def cut(self) -> None:
@@ -73,18 +82,32 @@ class TcpProxy:
             self.cut()
             await asyncio.wait(list(self._tasks), timeout=1.0)
 
-    async def _forward(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
-        self._writers.add(writer)
-        try:
-            if self._server is not None:  # accepted while stopping: refuse it
+    def _accept(self, listener: socket.socket) -> None:
+        """Takes every waiting connection; each is owned by its task from here on."""
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                return
+            task = asyncio.get_running_loop().create_task(self._forward(conn))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _forward(self, conn: socket.socket) -> None:
+        with conn:  # closed at the end, whatever happens (a no-op after the abort)
+            if self._listener is None:  # accepted while stopping: refuse it
+                return
+            conn.setblocking(False)
+            try:
+                reader, writer = await asyncio.open_connection(sock=conn)
+            except OSError:
+                return
+            self._writers.add(writer)
+            try:
                 await self._pipe(reader, writer)
-        finally:
-            writer.transport.abort()
-            self._writers.discard(writer)
-            self._tasks.discard(task)
+            finally:
+                writer.transport.abort()
+                self._writers.discard(writer)
 
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:

@@ -22,6 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from reconciler.config import Settings
 from reconciler.database import Database
+from reconciler.notifications import Notifications
 from reconciler.queue import JobQueue
 from reconciler.routes import Context, create_app, error
 from reconciler.supervisor import Health
@@ -51,9 +52,10 @@ class Api:
         stop: anyio.Event,
         *,
         batches_api: bool = True,
+        notifications: Notifications | None = None,
     ) -> None:
         self._settings = settings
-        context = Context(settings, db, queue, health, stop)
+        context = Context(settings, db, queue, health, stop, notifications or Notifications())
         self.app = Guard(create_app(context, batches_api=batches_api))
         self.port: int | None = None
         self.started = anyio.Event()

@@ -23,6 +23,7 @@ from reconciler.config import Settings
 from reconciler.database import Database
 from reconciler.delivery import Attempt, Claimed, Schedule, Sink
 from reconciler.errors import RetryableError
+from reconciler.notifications import Kind, Notifications, Watch
 from reconciler.retry import persist
 from reconciler.sinks import HookCaller, WebhookSender, http_client, load_hook
 
@@ -42,48 +43,53 @@ def lease_s(settings: Settings) -> float:
 class Deliverer:
     name = "delivery"
 
-    def __init__(self, settings: Settings, db: Database) -> None:
+    def __init__(
+        self, settings: Settings, db: Database, notifications: Notifications | None = None
+    ) -> None:
         self._settings = settings
         self._db = db
+        self._notifications = notifications or Notifications()
         self._owner = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
         self._schedule = Schedule(settings.delivery_backoff_s, settings.delivery_max_age_s)
         hook = load_hook(settings.on_finalized) if settings.on_finalized else None
         self._hook = HookCaller(hook, settings.delivery_timeout_s) if hook else None
         self._busy = 0
-        self._slot_freed = anyio.Event()
+        self._wakeup = Watch()  # replaced by the notifications' watch while running
 
     async def run(self) -> None:
         if self._settings.on_finalized:
             await delivery.register_hook(self._db, self._settings.on_finalized)
         async with http_client(self._settings.delivery_timeout_s) as http:
             sender = WebhookSender(http, self._settings.delivery_timeout_s)
-            async with anyio.create_task_group() as tg:
-                while True:
-                    if not await self._start_due(tg, sender):
-                        await self._idle()
+            # Watching before the first claim: a finalization from then on wakes us.
+            with self._notifications.watch(kinds=(Kind.FINALIZED,)) as self._wakeup:
+                async with anyio.create_task_group() as tg:
+                    while True:
+                        if not await self._start_due(tg, sender):
+                            await self._idle()
 
-    async def _start_due(self, tg: TaskGroup, sender: WebhookSender) -> int:
-        """Claims as many due deliveries as there are free slots and starts them."""
+    async def _start_due(self, tg: TaskGroup, sender: WebhookSender) -> bool:
+        """Claims as many due deliveries as there are free slots and starts them; True
+        when they filled every free slot (more may be due: claim again at once).
+        """
         free = DELIVERY_CONCURRENCY - self._busy
         if free <= 0:
-            return 0
+            return False
         try:
             claimed = await delivery.claim(
                 self._db, self._owner, free, lease_s(self._settings), with_hook=bool(self._hook)
             )
         except RetryableError as exc:
             log.warning("delivery_claim_failed", error=str(exc))
-            return 0
+            return False
         for item in claimed:
             self._busy += 1
             tg.start_soon(self._attempt, item, sender)
-        return len(claimed)
+        return len(claimed) == free
 
     async def _idle(self) -> None:
-        """Waits for the next poll, or for a slot to free up."""
-        with anyio.move_on_after(self._settings.delivery_poll_interval_s):
-            await self._slot_freed.wait()
-        self._slot_freed = anyio.Event()
+        """Waits for the next poll, a finalization anywhere, or a slot to free up."""
+        await self._wakeup.wait(self._settings.delivery_poll_interval_s)
 
     async def _attempt(self, claimed: Claimed, sender: WebhookSender) -> None:
         try:
@@ -95,7 +101,8 @@ class Deliverer:
             raise
         finally:
             self._busy -= 1
-            self._slot_freed.set()
+            if self._busy == DELIVERY_CONCURRENCY - 1:
+                self._wakeup.wake()  # every slot was taken: claim again now
 
     async def _release(self, claimed: Claimed) -> None:
         """On a stop, lets another replica retry now rather than when the lease runs out."""

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bench import baseline, profiling, summary_http
+from bench import baseline, cli, profiling, report, summary_http, webhook
+from bench import wait as wait_latency
 
 PGBENCH_OUT = """\
 transaction type: <builtin: simple update>
@@ -64,3 +65,52 @@ def test_profile_summary_ranks_own_and_inclusive_time(tmp_path: Path) -> None:
     assert summary["own_by_package"][0] == {"function": "q", "pct": 50.0, "samples": 4}
     focused = profiling.summarize(stacks, top=5, focus="db.py")
     assert focused["inclusive"] == [{"function": "flush (db.py)", "pct": 50.0, "samples": 4}]
+
+
+def test_webhook_and_wait_options_parse_and_the_sides_alternate() -> None:
+    """`throughput --webhook`, `webhook --rounds` and `wait --no-listen` parse; the
+    webhook A/B flips its order every round.
+    """
+    parser = cli.build_parser()
+    assert parser.parse_args(["throughput", "--webhook"]).webhook is True
+    assert parser.parse_args(["throughput"]).webhook is False
+    ab = parser.parse_args(["webhook", "--rounds", "4", "--batches", "20"])
+    assert (ab.rounds, ab.batches, ab.files) == (4, 20, 50)
+    waited = parser.parse_args(["wait", "--no-listen", "--rounds", "5", "--webhook"])
+    assert (waited.no_listen, waited.rounds, waited.webhook) == (True, 5, True)
+    assert [webhook.order(i) for i in range(3)] == [
+        ("none", "webhook"), ("webhook", "none"), ("none", "webhook"),
+    ]  # fmt: skip
+
+
+def test_webhook_figures_give_medians_spread_and_the_drop() -> None:
+    """figures_of: the drop compares medians; a p99 over 100 ms fails that check."""
+
+    def side(rate: float, p99: float | None = None) -> dict[str, object]:
+        latency = None if p99 is None else {"p50": p99 / 2, "p99": p99, "max": p99, "n": 1}
+        return {"files_per_s": rate, "delivery_latency_ms": latency, "ok": True}
+
+    rounds = [
+        {"none": side(100.0), "webhook": side(97.0, 40.0)},
+        {"none": side(90.0), "webhook": side(99.0, 150.0)},
+        {"none": side(110.0), "webhook": side(95.0, 60.0)},
+    ]
+    result = webhook.figures_of(webhook.WebhookOptions(batches=2, files=3), rounds)
+    assert result["files_per_s"]["none"] == {"median": 100.0, "min": 90.0, "max": 110.0}
+    assert result["files_per_s"]["webhook"]["median"] == 97.0
+    assert result["drop"] == 0.03
+    assert result["delivery_latency_ms"]["p99"] == {"median": 60.0, "min": 40.0, "max": 150.0}
+    assert result["checks"]["drop_within_5_percent"] is True
+    assert result["checks"]["p99_within_100_ms"] is False
+
+
+def test_percentiles_are_nearest_rank() -> None:
+    values = [float(v) for v in range(1, 201)]
+    assert report.percentiles(values) == {"p50": 100.0, "p99": 198.0, "max": 200.0, "n": 200}
+    assert report.percentiles([])["n"] == 0
+
+
+def test_wait_figures_take_percentiles_of_the_rounds() -> None:
+    figures = wait_latency.figures_of(wait_latency.WaitOptions(rounds=4), [5.0, 1.0, 3.0, 200.0])
+    assert figures["latency_ms"] == {"p50": 4.0, "p99": 200.0, "min": 1.0, "max": 200.0}
+    assert figures["checks"] == {"ok": True, "p99_within_100_ms": False}

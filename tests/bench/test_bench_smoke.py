@@ -81,3 +81,26 @@ def test_submit_creates_and_enqueues_every_file(services: Endpoints) -> None:
     result = bench(services, "submit", "--files", "200", "--repeat", "1")
     assert result["checks"] == {"files_pending": 200, "jobs_on_stream": 200, "ok": True}
     assert len(result["seconds"]) == 1
+
+
+def test_webhook_runs_both_sides_and_delivers_every_event(
+    services: Endpoints, tmp_path: Path
+) -> None:
+    """webhook: one round of each side; the webhook side delivered every batch's event."""
+    result = bench(services, "webhook", "--batches", "3", "--files", "2", "--rounds", "1",
+                   "--log-dir", str(tmp_path))  # fmt: skip
+    (only,) = result["rounds"]
+    assert only["order"] == ["none", "webhook"]
+    assert only["none"]["delivery_latency_ms"] is None
+    assert only["webhook"]["delivery_latency_ms"]["n"] == 3  # answered by the receiver
+    assert only["webhook"]["delivery_recorded_ms"]["n"] == 3
+    assert result["checks"]["ok"] is True and result["checks"]["duplicate_acknowledgements"] == 0
+
+
+def test_wait_returns_after_each_finalization(services: Endpoints, tmp_path: Path) -> None:
+    """wait: every round's Client.wait returned, with latency percentiles."""
+    result = bench(services, "wait", "--rounds", "3", "--work-s", "0.05", "--webhook",
+                   "--log-dir", str(tmp_path))  # fmt: skip
+    assert (result["rounds"], result["listen"], result["checks"]["ok"]) == (3, True, True)
+    assert result["delivery_latency_ms"]["n"] == 3
+    assert {"p50", "p99", "min", "max"} <= result["latency_ms"].keys()
