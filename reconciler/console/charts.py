@@ -18,6 +18,7 @@ PAD: Final = 4  # keeps the stroke inside the box at the extremes
 @dataclass(frozen=True, slots=True)
 class Chart:
     lines: tuple[str, ...]  # each an SVG `points` attribute
+    dots: tuple[tuple[float, float], ...]  # lone values, between two gaps
     peak: float  # the value the top of the box stands for
     last: float | None  # the newest value, None when the last step has no data
     unit: str
@@ -30,22 +31,13 @@ def line(values: Sequence[float | None], unit: str) -> Chart:
     known = [v for v in values if v is not None]
     peak = max(known, default=0.0) or 1.0
     step = (WIDTH - 2 * PAD) / max(1, len(values) - 1)
-    lines: list[str] = []
-    current: list[str] = []
+    runs: list[list[tuple[float, float]]] = [[]]
     for index, value in enumerate(values):
         if value is None:
-            _close(lines, current)
-            current = []
+            runs.append([])
             continue
         y = HEIGHT - PAD - (HEIGHT - 2 * PAD) * value / peak
-        current.append(f"{PAD + index * step:.1f},{y:.1f}")
-    _close(lines, current)
-    return Chart(tuple(lines), peak, values[-1] if values else None, unit)
-
-
-def _close(lines: list[str], current: list[str]) -> None:
-    if len(current) == 1:  # a lone point: a short flat stroke, so it shows
-        x, y = current[0].split(",")
-        current = [current[0], f"{float(x) + 2:.1f},{y}"]
-    if current:
-        lines.append(" ".join(current))
+        runs[-1].append((round(PAD + index * step, 1), round(y, 1)))
+    lines = tuple(" ".join(f"{x},{y}" for x, y in run) for run in runs if len(run) > 1)
+    dots = tuple(run[0] for run in runs if len(run) == 1)
+    return Chart(lines, dots, peak, values[-1] if values else None, unit)
