@@ -547,8 +547,9 @@ LIMIT $3;
 -- name: console_batches
 -- The web console's page of batches, newest first, by keyset on (created_at, batch_id)
 -- so batches created in the same instant are neither skipped nor repeated: $1 status,
--- $2 stuck only, $3 stuck grace seconds, $4 run id, $5 batch id prefix (each null for
--- any), $6 and $7 the last row shown (null for the first page), $8 the page size.
+-- $2 stuck only, $3 stuck grace seconds, $4 run id, $5 a LIKE pattern `prefix%` of the
+-- batch id (each null for any), $6 and $7 the last row shown (null for the first
+-- page), $8 the page size. Indexes: schema/0008_console_indexes.sql.
 SELECT s.batch_id, s.run_id, s.status, s.total_files, s.files_pending, s.files_processing,
        s.files_success AS files_succeeded, s.files_failed, s.created_at,
        s.last_file_completed_at, s.completed_at, s.finalized_by
@@ -559,7 +560,7 @@ WHERE ($1::text IS NULL OR s.status = $1)
        AND coalesce(s.last_file_completed_at, s.created_at)
            < now() - make_interval(secs => $3::double precision)))
   AND ($4::text IS NULL OR s.run_id = $4)
-  AND ($5::text IS NULL OR starts_with(s.batch_id, $5))
+  AND ($5::text IS NULL OR s.batch_id LIKE $5)
   AND ($6::timestamptz IS NULL OR (s.created_at, s.batch_id) < ($6, $7::text))
 ORDER BY s.created_at DESC, s.batch_id DESC
 LIMIT $8;
@@ -579,28 +580,18 @@ SELECT batch_id, status, total_files, created_at
 FROM batches WHERE parent_batch_id = $1
 ORDER BY created_at, batch_id;
 
--- name: console_finalizations
--- Batches finalized in the last $1 seconds, by trigger.
-SELECT finalized_by, count(*) AS batches
+-- name: console_finalized_since
+-- Batches finalized at or after $1, by bucket of $2 seconds since the epoch and trigger:
+-- how many, the files they held, and their finalization latency (last file done to
+-- finalized) summed. Reads run_summaries_completed_idx alone; date_part, not extract,
+-- so the sums are double precision rather than numeric.
+SELECT floor(date_part('epoch', completed_at) / $2)::bigint AS bucket, finalized_by,
+       count(*) AS batches, sum(total_files) AS files,
+       sum(date_part('epoch', completed_at - coalesce(last_file_completed_at, created_at)))
+           AS latency_sum_s
 FROM run_summaries
-WHERE completed_at > now() - make_interval(secs => $1::double precision)
-GROUP BY finalized_by
-ORDER BY finalized_by;
-
--- name: console_throughput
--- Per bucket of $2 seconds over the last $1 seconds (oldest first, empty ones left out):
--- how many files the batches finalized then held, and their finalization latency (last
--- file done to finalized) on average and at worst.
-SELECT floor(extract(epoch FROM now() - completed_at) / $2)::integer AS ago,
-       sum(total_files) AS files,
-       avg(extract(epoch FROM completed_at - coalesce(last_file_completed_at, created_at)))
-           AS latency_mean_s,
-       max(extract(epoch FROM completed_at - coalesce(last_file_completed_at, created_at)))
-           AS latency_max_s
-FROM run_summaries
-WHERE completed_at > now() - make_interval(secs => $1::double precision)
-GROUP BY ago
-ORDER BY ago DESC;
+WHERE completed_at >= $1
+GROUP BY bucket, finalized_by;
 
 -- name: console_undelivered
 -- Deliveries not yet acknowledged by their sink, and the age of the oldest.

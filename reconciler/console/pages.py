@@ -8,6 +8,7 @@ of a batch, and the overview's counts over the last hour.
 from __future__ import annotations
 
 import datetime as dt
+import time
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -49,30 +50,82 @@ def parse_cursor(text: str | None) -> tuple[dt.datetime | None, str | None]:
     return (created if created.tzinfo else created.replace(tzinfo=dt.UTC)), batch_id
 
 
+def like_prefix(prefix: str) -> str:
+    """A LIKE pattern matching the ids that start with `prefix`, taken literally."""
+    escaped = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return escaped + "%"
+
+
 async def batch_page(
     db: Database, which: BatchFilter, grace_s: float, after: str | None
 ) -> tuple[list[dict[str, Any]], str | None]:
     """A page of batches, newest first, and the cursor of the next page, if any."""
-    filters = (which.status, which.stuck, grace_s, which.run_id, which.prefix)
+    pattern = None if which.prefix is None else like_prefix(which.prefix)
+    filters = (which.status, which.stuck, grace_s, which.run_id, pattern)
     rows = await db.fetch("console_batches", *filters, *parse_cursor(after), PAGE_SIZE)
     items = [batches.jsonable(r) for r in rows]
     return items, cursor_of(items[-1]) if len(items) == PAGE_SIZE else None
 
 
-async def overview(db: Database, queue: JobQueue, grace_s: float) -> dict[str, Any]:
+async def overview(db: Database, queue: JobQueue, grace_s: float, recent: Recent) -> dict[str, Any]:
     """The overview's numbers: gauges, finalizations and throughput of the last hour."""
     gauges = await db.fetchrow("gauges", grace_s)
     undelivered = await db.fetchrow("console_undelivered")
-    triggers = await db.fetch("console_finalizations", WINDOW_S)
-    buckets = await db.fetch("console_throughput", WINDOW_S, BUCKET_S)
     assert gauges is not None and undelivered is not None
+    buckets = await recent.read(db)
     return {
         **batches.jsonable(gauges),
         **batches.jsonable(undelivered),
-        "finalizations": {r["finalized_by"]: r["batches"] for r in triggers},
+        "finalizations": _by_trigger(buckets),
         "dead_letters": await _dead_letters(queue),
-        "charts": _charts([batches.jsonable(b) for b in buckets]),
+        "charts": _charts(buckets),
     }
+
+
+@dataclass(slots=True)
+class Bucket:
+    batches: int = 0
+    files: int = 0
+    latency_sum_s: float = 0.0
+
+
+class Recent:
+    """The last hour of finalizations per minute, re-reading only the newest minutes.
+
+    A minute that ended more than a minute ago no longer changes (a finalization's
+    transaction lasts milliseconds), so it is read once and kept; each visit reads the
+    rows since then only, from an index, whatever the hour held.
+    """
+
+    def __init__(self) -> None:
+        self._kept: dict[tuple[int, str], Bucket] = {}
+        self._settled = 0  # buckets before this one are final
+
+    async def read(self, db: Database) -> dict[int, dict[str, Bucket]]:
+        """Bucket (oldest is now minus the window) -> trigger -> counts."""
+        now = int(time.time() // BUCKET_S)
+        first = now - int(WINDOW_S // BUCKET_S) + 1
+        since = max(first, self._settled)
+        start = dt.datetime.fromtimestamp(since * BUCKET_S, dt.UTC)
+        rows = await db.fetch("console_finalized_since", start, BUCKET_S)
+        self._kept = {k: v for k, v in self._kept.items() if first <= k[0] < since}
+        for row in rows:
+            self._kept[row["bucket"], row["finalized_by"]] = Bucket(
+                row["batches"], row["files"], row["latency_sum_s"]
+            )
+        self._settled = now - 1
+        found: dict[int, dict[str, Bucket]] = {b: {} for b in range(first, now + 1)}
+        for (bucket, trigger), counts in self._kept.items():
+            found[bucket][trigger] = counts
+        return found
+
+
+def _by_trigger(buckets: dict[int, dict[str, Bucket]]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for by_trigger in buckets.values():
+        for trigger, bucket in by_trigger.items():
+            counts[trigger] = counts.get(trigger, 0) + bucket.batches
+    return counts
 
 
 async def _dead_letters(queue: JobQueue) -> int | None:
@@ -83,16 +136,18 @@ async def _dead_letters(queue: JobQueue) -> int | None:
         return None
 
 
-def _charts(buckets: list[dict[str, Any]]) -> dict[str, charts.Chart]:
-    count = int(WINDOW_S // BUCKET_S)
-    by_ago = {b["ago"]: b for b in buckets}
-    minutes = [by_ago.get(ago) for ago in range(count - 1, -1, -1)]  # oldest first
-    files = [float(b["files"]) / BUCKET_S if b else 0.0 for b in minutes]
-    mean = [b["latency_mean_s"] if b else None for b in minutes]
-    return {
-        "files": charts.line(files, "files/s"),
-        "latency": charts.line(mean, "s"),
-    }
+def _charts(buckets: dict[int, dict[str, Bucket]]) -> dict[str, charts.Chart]:
+    """Files per second and mean latency per minute, oldest first."""
+    files, mean = [], []
+    for _, by_trigger in sorted(buckets.items()):
+        total = Bucket()
+        for bucket in by_trigger.values():
+            total.batches += bucket.batches
+            total.files += bucket.files
+            total.latency_sum_s += bucket.latency_sum_s
+        files.append(total.files / BUCKET_S)
+        mean.append(total.latency_sum_s / total.batches if total.batches else None)
+    return {"files": charts.line(files, "files/s"), "latency": charts.line(mean, "s")}
 
 
 async def batch_detail(

@@ -8,6 +8,7 @@ asks for the token first.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Final
 from urllib.parse import parse_qs, quote, urlencode
@@ -67,6 +68,7 @@ class Visit:
     """One request's session: its nonce, and the cookie to set when it is a new one."""
 
     def __init__(self, request: Request, keys: Keys) -> None:
+        self.started = time.perf_counter()
         self.keys = keys
         self.nonce = keys.session_nonce(request.cookies.get(COOKIE))
         self.new_cookie: str | None = None
@@ -85,6 +87,7 @@ class Console:
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
         self.keys = Keys(ctx.settings.api_token)
+        self.recent = pages.Recent()
         self.templates = Jinja2Templates(directory=HERE / "templates")
         filters.register(self.templates.env)
 
@@ -94,6 +97,7 @@ class Console:
         values.update(guarded=self.keys.guarded, csrf=visit.csrf, path=request.url.path)
         answer = self.templates.TemplateResponse(request, name, values, status_code=status)
         answer.headers.update(SECURITY_HEADERS)
+        answer.headers["Server-Timing"] = f"page;dur={_elapsed_ms(visit):.1f}"
         if visit.new_cookie is not None:
             set_cookie(request, answer, visit.new_cookie)
         return answer
@@ -124,6 +128,11 @@ class CsrfRefused(Exception):
     def __init__(self, visit: Visit) -> None:
         super().__init__("csrf")
         self.visit = visit
+
+
+def _elapsed_ms(visit: Visit) -> float:
+    """The server's time on the page so far: reads and rendering (`Server-Timing`)."""
+    return (time.perf_counter() - visit.started) * 1000
 
 
 def set_cookie(request: Request, answer: Response, value: str) -> None:
@@ -222,7 +231,8 @@ def _install_overview(app: FastAPI, console: Console) -> None:
     @app.get("/ui/", include_in_schema=False)
     async def overview(request: Request) -> Response:
         visit = console.visit(request)
-        found = await pages.overview(ctx.db, ctx.queue, ctx.settings.stuck_grace_s)
+        grace = ctx.settings.stuck_grace_s
+        found = await pages.overview(ctx.db, ctx.queue, grace, console.recent)
         return console.render(request, visit, "overview.html", o=found, window_s=pages.WINDOW_S)
 
     @app.get("/ui/dead-letters", include_in_schema=False)

@@ -101,6 +101,7 @@ async def _watch_progress(tab: Page, tmp: Path, batch_id: str) -> None:
     await expect(row.locator("[data-count]")).to_have_text("1/4")
     await tab.shot("batches")
     release(tmp, "live", 1, 2, 3)
+    await expect(row.locator("[data-count]")).to_have_text("4/4")
     await expect(row.locator("[data-status]")).to_have_text("completed")
     await expect(row.locator("[data-finalized-by]")).to_have_text("event")
     assert await page.evaluate("window.notReloaded") is True, "the page was reloaded"

@@ -44,6 +44,24 @@ function showFinalized(scope, summary) {
   if (when) when.textContent = summary.completed_at.replace("T", " ").slice(0, 19) + "Z";
 }
 
+// A complete batch is finalized within moments, but `finalized` on the all-batches
+// stream waits for every older transaction on the server to end: read the batch
+// itself a few times rather than show it as processing meanwhile.
+const SETTLE_DELAYS_MS = [200, 500, 1000, 2000, 4000];
+
+async function settle(row, batchId) {
+  for (const delay of SETTLE_DELAYS_MS) {
+    await new Promise((done) => setTimeout(done, delay));
+    const answer = await fetch("/api/batches/" + encodeURIComponent(batchId));
+    if (!answer.ok) return;
+    const p = await answer.json();
+    if (p.status !== "processing") {
+      showFinalized(row, p);
+      return;
+    }
+  }
+}
+
 function followList(table) {
   const rows = new Map();
   for (const row of table.querySelectorAll("tr[data-batch-id]")) rows.set(row.dataset.batchId, row);
@@ -53,7 +71,9 @@ function followList(table) {
   source.addEventListener("progress", (event) => {
     const p = JSON.parse(event.data);
     const row = rows.get(p.batch_id);
-    if (row) showProgress(row, p);
+    if (!row) return;
+    showProgress(row, p);
+    if (p.files_succeeded + p.files_failed === p.total_files) settle(row, p.batch_id);
   });
   source.addEventListener("finalized", (event) => {
     const summary = JSON.parse(event.data).data;
