@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from reconciler import jobs
 from reconciler.app import Ports, Role
 from reconciler.batches import FileSpec
 from reconciler.config import Settings
@@ -64,12 +65,13 @@ async def test_pages_progress_live_and_the_buttons_act(
     settings: Settings, ports: Ports, database_url: str, tmp_path: Path
 ) -> None:
     """Every page loads clean; bars move as files finish; cancel and retry hit the audit."""
-    live = await submit(ports, specs(tmp_path, "live", 4), batch_id="orders-2026-12-01")
-    doomed = await submit(ports, specs(tmp_path, "doomed", 3), batch_id="invoices-stalled")
-    failing = await submit(
-        ports, specs(tmp_path, "bad", 3, error="IsADirectoryError: not a file"),
-        batch_id="exports-nightly",
-    )  # fmt: skip
+    run = {"run_id": "nightly-2026-12-01"}
+    live = await submit(ports, specs(tmp_path, "live", 4), batch_id="orders-2026-12-01", **run)
+    doomed = await submit(ports, specs(tmp_path, "doomed", 3), batch_id="invoices-stalled", **run)
+    bad = specs(tmp_path, "bad", 3, error="IsADirectoryError: not a file")
+    failing = await submit(ports, bad, batch_id="exports-nightly", **run)
+    ghost = jobs.encode("deleted-batch", "ghost.csv", "file:///data/ghost.csv", None)
+    await ports.queue.enqueue([ghost], [jobs.member("deleted-batch", "ghost.csv")])
     release(tmp_path, "bad", 0, 1, 2)
     try:
         async with (
@@ -148,6 +150,7 @@ async def _other_pages(tab: Page) -> None:
     await tab.shot("overview")
     await page.goto("/ui/dead-letters")
     await expect(page.locator("h1")).to_have_text("Dead letters")
+    await expect(page.locator("table")).to_contain_text("ghost.csv")
     await tab.shot("dead-letters")
     await page.goto("/ui/batches?stuck=true")
     await expect(page.locator("h1")).to_have_text("Batches")
