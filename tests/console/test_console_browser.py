@@ -148,6 +148,13 @@ async def _other_pages(tab: Page) -> None:
     await expect(page.locator("h1")).to_have_text("Overview")
     await expect(page.locator("figure svg polyline").first).to_be_attached()
     await tab.shot("overview")
+    await page.keyboard.press("Tab")
+    assert await page.evaluate("document.activeElement.textContent") == "Skip to content"
+    await page.keyboard.press("Tab")
+    assert await page.evaluate("document.activeElement.textContent") == "Overview"
+    await page.keyboard.press("Tab")
+    await page.keyboard.press("Enter")  # the Batches link, from the keyboard alone
+    await expect(page.locator("h1")).to_have_text("Batches")
     await page.goto("/ui/dead-letters")
     await expect(page.locator("h1")).to_have_text("Dead letters")
     await expect(page.locator("table")).to_contain_text("ghost.csv")
