@@ -84,6 +84,8 @@ async def overview(db: Database, queue: JobQueue, grace_s: float, recent: Recent
 
 @dataclass(slots=True)
 class Bucket:
+    """One minute's finalizations by one trigger."""
+
     batches: int = 0
     files: int = 0
     latency_sum_s: float = 0.0
@@ -94,7 +96,9 @@ class Recent:
 
     A minute that ended more than a minute ago no longer changes (a finalization's
     transaction lasts milliseconds), so it is read once and kept; each visit reads the
-    rows since then only, from an index, whatever the hour held.
+    rows since then only, from an index, whatever the hour held. Minutes are counted
+    on this host's clock against Postgres's timestamps: the two must agree to within
+    that minute (NTP), as they must for the sweeper's grace periods anyway.
     """
 
     def __init__(self) -> None:

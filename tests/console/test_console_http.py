@@ -54,6 +54,24 @@ async def test_every_page_answers_html_with_the_batch_in_it(
     assert (missing.status_code, bad.status_code, css.status_code) == (404, 422, 200)
 
 
+async def test_the_overview_counts_the_hours_finalizations_by_trigger(
+    settings: Settings, ports: Ports
+) -> None:
+    """Two batches finalized by two triggers, then a third: each visit counts them all."""
+    first, second, third = [await submit(ports, files(2, prefix=p)) for p in "abc"]
+    for batch, prefix in ((first, "a"), (second, "b"), (third, "c")):
+        await record(ports, batch.batch_id, [f"{prefix}00000", f"{prefix}00001"])
+    await finalize(ports.db, first.batch_id, "event")
+    await finalize(ports.db, second.batch_id, "demand")
+    async with serving(settings, ports, Role.API) as served:
+        before = (await served.http.get("/ui/")).text
+        await finalize(ports.db, third.batch_id, "event")
+        after = (await served.http.get("/ui/")).text
+    rows = r"<tr><td>(\w+)</td><td class=\"num\">(\d+)</td></tr>"
+    assert dict(re.findall(rows, before)) == {"demand": "1", "event": "1"}
+    assert dict(re.findall(rows, after)) == {"demand": "1", "event": "2"}
+
+
 async def test_keyset_pages_neither_skip_nor_repeat_batches_created_together(
     settings: Settings, ports: Ports, database_url: str
 ) -> None:
