@@ -9,17 +9,17 @@ asks for the token first.
 from __future__ import annotations
 
 import time
-from pathlib import Path
+from pathlib import Path as FilePath
 from typing import TYPE_CHECKING, Annotated, Any, Final
 from urllib.parse import parse_qs, quote, urlencode
 
-from fastapi import FastAPI, Query, Request
+from fastapi import FastAPI, Path, Query, Request
 from fastapi.responses import RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 
 from reconciler import dead_letters, operations
-from reconciler.api_models import ID_MAX_CHARS
+from reconciler.api_models import FILE_ID_MAX_CHARS, ID_MAX_CHARS, NO_NUL
 from reconciler.console import filters, pages
 from reconciler.console.auth import COOKIE, COOKIE_PATH, SESSION_MAX_AGE_S, Keys
 from reconciler.errors import ActionRefused, BatchConflict, BatchNotFound, InvalidBatch
@@ -28,7 +28,7 @@ from reconciler.operator_routes import actor
 if TYPE_CHECKING:
     from reconciler.routes import Context
 
-HERE: Final = Path(__file__).parent
+HERE: Final = FilePath(__file__).parent
 MAX_FORM_BYTES: Final = 16 * 1024
 # Scripts, styles and images from the console itself only: no inline script at all.
 SECURITY_HEADERS: Final = {
@@ -51,8 +51,11 @@ REFUSALS: Final[dict[type[Exception], int]] = {
     BatchConflict: 409,
     InvalidBatch: 422,
 }
-Text = Annotated[str | None, Query(max_length=ID_MAX_CHARS)]
-Cursor = Annotated[str | None, Query(max_length=2 * ID_MAX_CHARS)]
+ANY_TEXT: Final = r"^[^\x00]*$"  # a filter left empty in the form means "any"
+Text = Annotated[str | None, Query(max_length=ID_MAX_CHARS, pattern=ANY_TEXT)]
+Cursor = Annotated[str | None, Query(max_length=2 * ID_MAX_CHARS, pattern=ANY_TEXT)]
+BatchId = Annotated[str, Path(min_length=1, max_length=ID_MAX_CHARS, pattern=NO_NUL)]
+FileCursor = Annotated[str | None, Query(max_length=FILE_ID_MAX_CHARS, pattern=ANY_TEXT)]
 StreamId = Annotated[str | None, Query(pattern=r"^\d+-\d+$", max_length=64)]
 
 
@@ -275,7 +278,7 @@ def _install_batches(app: FastAPI, console: Console) -> None:
 
     @app.get("/ui/batches/{batch_id}", include_in_schema=False)
     async def batch_page(
-        request: Request, batch_id: str, files: Text = None, after: Text = None
+        request: Request, batch_id: BatchId, files: Text = None, after: FileCursor = None
     ) -> Response:
         visit = console.visit(request)
         if files and files not in pages.FILE_STATUSES:
@@ -294,7 +297,7 @@ def _install_actions(app: FastAPI, console: Console) -> None:
     ctx = console.ctx
 
     @app.post("/ui/batches/{batch_id}/cancel", include_in_schema=False)
-    async def cancel(request: Request, batch_id: str) -> Response:
+    async def cancel(request: Request, batch_id: BatchId) -> Response:
         visit, form = await console.posted(request)
         try:
             await operations.cancel(ctx.db, batch_id, form.get("reason", ""), actor(ctx))
@@ -303,7 +306,7 @@ def _install_actions(app: FastAPI, console: Console) -> None:
         return RedirectResponse(batch_url(batch_id) + "?notice=cancelled", status_code=303)
 
     @app.post("/ui/batches/{batch_id}/retry-failed", include_in_schema=False)
-    async def retry_failed(request: Request, batch_id: str) -> Response:
+    async def retry_failed(request: Request, batch_id: BatchId) -> Response:
         visit, form = await console.posted(request)
         reason = form.get("reason", "")
         try:

@@ -43,6 +43,8 @@ async def test_every_page_answers_html_with_the_batch_in_it(
         other_run = await http.get("/ui/batches?run=run-b")
         missing = await http.get("/ui/batches/no-such-batch")
         bad = await http.get("/ui/batches?status=nonsense")
+        nul = await http.get("/ui/batches?run=a%00b")
+        blank = await http.get("/ui/batches?status=&run=&q=")
         css = await http.get("/ui/static/console.css")
     for path, text in pages.items():
         answer = answers[path]
@@ -52,6 +54,7 @@ async def test_every_page_answers_html_with_the_batch_in_it(
         assert text in answer.text, path
     assert batch.batch_id not in other_run.text
     assert (missing.status_code, bad.status_code, css.status_code) == (404, 422, 200)
+    assert (nul.status_code, blank.status_code) == (422, 200)
 
 
 async def test_the_overview_counts_the_hours_finalizations_by_trigger(
