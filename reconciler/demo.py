@@ -145,6 +145,8 @@ async def _story(args: argparse.Namespace, settings: Settings, ports: Ports) -> 
     async with _running(settings, ports) as services:
         api = services[Role.API].api
         api_port = api.port if api is not None else None
+        if api_port is not None:
+            console.print(f"web console: [bold]http://127.0.0.1:{api_port}/ui/[/]")
         for batch_id in ids:
             await batches.submit(ports.db, ports.queue, samples, batch_id=batch_id, run_id=run)
         doomed = await _submit_doomed(args, ports, run, samples)
@@ -152,7 +154,8 @@ async def _story(args: argparse.Namespace, settings: Settings, ports: Ports) -> 
         seen = await _watch(ports, every, services, args.kill_worker)
         await _report(ports, every, seen, settings, api_port)
         if args.serve:
-            console.print("[bold]serving[/]; press Ctrl-C to stop")
+            console.print(f"[bold]serving[/] the web console at http://127.0.0.1:{api_port}/ui/")
+            console.print("press Ctrl-C to stop")
             await anyio.sleep_forever()
 
 

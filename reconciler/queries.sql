@@ -599,3 +599,58 @@ WHERE type = 'batch.finalized'
   AND (txid, event_id) > ($1::text::xid8, $2::text)
 ORDER BY txid, event_id
 LIMIT $3;
+
+-- name: console_batches
+-- The web console's page of batches, newest first, by keyset on (created_at, batch_id)
+-- so batches created in the same instant are neither skipped nor repeated: $1 status,
+-- $2 stuck only, $3 stuck grace seconds, $4 run id, $5 a LIKE pattern `prefix%` of the
+-- batch id (each null for any), $6 and $7 the last row shown (null for the first
+-- page), $8 the page size. Indexes: schema/0008_console_indexes.sql.
+SELECT s.batch_id, s.run_id, s.status, s.total_files, s.files_pending, s.files_processing,
+       s.files_success AS files_succeeded, s.files_failed, s.created_at,
+       s.last_file_completed_at, s.completed_at, s.finalized_by
+FROM batch_status_summary s
+WHERE ($1::text IS NULL OR s.status = $1)
+  AND (NOT $2::boolean OR (s.status = 'processing'
+       AND s.files_success + s.files_failed = s.total_files
+       AND coalesce(s.last_file_completed_at, s.created_at)
+           < now() - make_interval(secs => $3::double precision)))
+  AND ($4::text IS NULL OR s.run_id = $4)
+  AND ($5::text IS NULL OR s.batch_id LIKE $5)
+  AND ($6::timestamptz IS NULL OR (s.created_at, s.batch_id) < ($6, $7::text))
+ORDER BY s.created_at DESC, s.batch_id DESC
+LIMIT $8;
+
+-- name: console_batch_files
+-- A page of batch $1's files in key order after file id $3 ('' for the first page),
+-- only those in status $2 (null for all), at most $4: what each attempt came to.
+SELECT file_id, uri, status, attempts, worker, started_at, finished_at, duration_s, error
+FROM batch_files
+WHERE batch_id = $1 AND ($2::text IS NULL OR status = $2) AND file_id > $3
+ORDER BY file_id
+LIMIT $4;
+
+-- name: console_child_batches
+-- The batches that retried batch $1's failed files, oldest first.
+SELECT batch_id, status, total_files, created_at
+FROM batches WHERE parent_batch_id = $1
+ORDER BY created_at, batch_id;
+
+-- name: console_finalized_since
+-- Batches finalized at or after $1, by bucket of $2 seconds since the epoch and trigger:
+-- how many, the files they held, and their finalization latency (last file done to
+-- finalized) summed. Reads run_summaries_completed_idx alone; date_part, not extract,
+-- so the sums are double precision rather than numeric.
+SELECT floor(date_part('epoch', completed_at) / $2)::bigint AS bucket, finalized_by,
+       count(*) AS batches, sum(total_files) AS files,
+       sum(date_part('epoch', completed_at - coalesce(last_file_completed_at, created_at)))
+           AS latency_sum_s
+FROM run_summaries
+WHERE completed_at >= $1
+GROUP BY bucket, finalized_by;
+
+-- name: console_undelivered
+-- Deliveries not yet acknowledged by their sink, and the age of the oldest.
+SELECT count(*) AS undelivered,
+       coalesce(extract(epoch FROM now() - min(finalized_at)), 0) AS oldest_undelivered_s
+FROM deliveries WHERE state = 'pending';

@@ -270,6 +270,11 @@ class JobQueue:
             reply: Any = await self._redis.xrange(self.dead, min=start, count=count)
         return [Delivery(i.decode(), f) for i, f in reply]
 
+    async def dead_letter_count(self) -> int:
+        """How many entries the dead-letter stream holds."""
+        async with translated(self._tls):
+            return int(await self._redis.xlen(self.dead))
+
     async def _group_call(self, method: Any, *args: Any, **kwargs: Any) -> Any:
         """Calls a group command; recreates the group once if Redis lost it."""
         async with translated(self._tls):

@@ -34,6 +34,7 @@ from reconciler.api_models import (
     Summary,
 )
 from reconciler.config import Settings
+from reconciler.console import routes as console
 from reconciler.database import Database
 from reconciler.errors import (
     BatchConflict,
@@ -116,6 +117,7 @@ def create_app(ctx: Context, *, batches_api: bool = True) -> FastAPI:
         delivery_routes.install(app, ctx, *_auth(ctx), plain=[_only_query()])
         operator_routes.install(app, ctx, *_auth(ctx), only_query=_only_query)
         stream_routes.install(app, ctx, [_only_query()], [_only_query("progress")])
+        console.install(app, ctx)
     _install_probes(app, ctx)
     return app
 

@@ -50,6 +50,7 @@ async def test_demo_on_embedded_servers_shows_every_trigger_story(tmp_path: Path
     assert re.search(r"killed-w\S*\s+│ completed_with_errors\s+│ deadline\s+│ 0\s+│ 6", out)
     assert "worker killed with" in out
     assert re.search(r"GET /api/batches/\S+/summary -> 200", out)
+    assert re.search(r"web console: http://127\.0\.0\.1:\d+/ui/", out)
     assert "size_bytes" in out and "IsADirectoryError: not a file" in out
     assert _processes_using(data) == [], "embedded servers stopped on exit"
 
@@ -67,5 +68,6 @@ async def test_demo_uses_configured_services_when_given(
     done = await anyio.to_thread.run_sync(lambda: run_cli(env, *args, timeout_s=DEMO_TIMEOUT_S))
     assert done.returncode == 0, done.stderr[-3000:]
     assert "starting embedded servers" not in done.stdout
+    assert re.search(r"web console: http://127\.0\.0\.1:\d+/ui/", done.stdout)
     assert re.search(r"completed_with_errors\s+│ event\s+│ 6\s+│ 3", done.stdout)
     assert not (tmp_path / "postgres").exists()

@@ -93,6 +93,8 @@ def test_ensure_tools_is_a_no_op_when_promtool_is_present() -> None:
     assert result.returncode == 0, result.stderr
     assert "promtool present" in result.stderr
     assert "installing" not in result.stderr
+    if shutil.which("chromium") is not None:
+        assert "chromium present" in result.stderr
 
 
 def test_ensure_tools_is_a_no_op_when_pgbouncer_is_present() -> None:
@@ -112,3 +114,4 @@ def test_ensure_tools_exits_zero_with_a_message_when_it_cannot_install(tmp_path:
     assert result.returncode == 0, result.stderr
     assert "promtool" in result.stderr
     assert "skipped" in result.stderr
+    assert "chromium missing" in result.stderr

@@ -62,6 +62,7 @@ OFF_PATH_METHODS: Final = {
     "Session.execute_script": "only migrations run DDL scripts",
     "JobQueue.ping": "only the readiness probe pings Redis; the scenario sends no requests",
     "JobQueue.dead_letters": "only the API and the console list dead letters",
+    "JobQueue.dead_letter_count": "only the web console counts dead letters",
 }
 
 
