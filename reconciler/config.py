@@ -37,6 +37,8 @@ DELIVERY_BACKOFF_S: Final = 5.0
 DELIVERY_MAX_AGE_S: Final = 259_200.0  # 3 days, as Stripe and Standard Webhooks
 DELIVERY_TIMEOUT_S: Final = 10.0
 DELIVERY_POLL_INTERVAL_S: Final = 1.0
+RETENTION_DAYS: Final = 30
+MAX_RETENTION_DAYS: Final = 36_500  # a century: anything longer is "keep everything" (0)
 
 _NAMESPACE_RE: Final = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 _HOST_RE: Final = re.compile(r"^(?=.{1,253}$)[a-z0-9_]([a-z0-9_-]{0,62})(\.[a-z0-9_-]{1,63})*$")
@@ -72,6 +74,8 @@ class Settings:
     delivery_max_age_s: float = DELIVERY_MAX_AGE_S
     delivery_timeout_s: float = DELIVERY_TIMEOUT_S
     delivery_poll_interval_s: float = DELIVERY_POLL_INTERVAL_S
+    # Finalized batches older than this many days are deleted by the sweeper; 0 keeps all.
+    retention_days: int = RETENTION_DAYS
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str], **overrides: Any) -> Settings:
@@ -182,6 +186,11 @@ _positive_int = _parse_with("a positive integer", int, lambda v: v > 0)
 _port = _parse_with("a port number 0-65535", int, lambda v: 0 <= v <= 65535)
 _positive_float = _parse_with("a positive number of seconds", float, lambda v: v > 0)
 _non_negative_float = _parse_with("a number of seconds >= 0", float, lambda v: v >= 0)
+_days = _parse_with(
+    f"a whole number of days 0-{MAX_RETENTION_DAYS} (0 keeps everything)",
+    int,
+    lambda v: 0 <= v <= MAX_RETENTION_DAYS,
+)
 
 _PARSERS: Final[dict[str, Callable[[str, str], Any]]] = {
     "database_url": _text,
@@ -209,4 +218,5 @@ _PARSERS: Final[dict[str, Callable[[str, str], Any]]] = {
     "delivery_max_age_s": _positive_float,
     "delivery_timeout_s": _positive_float,
     "delivery_poll_interval_s": _positive_float,
+    "retention_days": _days,
 }
