@@ -79,6 +79,14 @@ SELECT b.batch_id, b.run_id, b.status, b.finalized_by, b.total_files, b.files_su
 FROM generate_series($1::bigint, $2::bigint) g
 JOIN batches b ON b.batch_id = 'hist-' || lpad(g::text, 9, '0');
 
+-- name: fill_events
+-- The `batch.finalized` event of each history batch $1..$2, as finalization writes it
+-- (no delivery rows: no webhook was subscribed).
+INSERT INTO events (event_id, batch_id, type, data, created_at)
+SELECT 'evt_hist_' || g, b.batch_id, 'batch.finalized', '{}'::jsonb, b.completed_at
+FROM generate_series($1::bigint, $2::bigint) g
+JOIN batches b ON b.batch_id = 'hist-' || lpad(g::text, 9, '0');
+
 -- name: seed_unfinished_batches
 -- $1 batches still processing, $2 files each, a third of them already succeeded;
 -- every other one has a deadline far ahead. Nothing here is due for repair.
