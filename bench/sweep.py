@@ -36,7 +36,7 @@ from reconciler.config import Settings
 from reconciler.queries import QUERIES
 from reconciler.retention import CHUNK_BATCHES as RETENTION_CHUNK_BATCHES
 from reconciler.retention import CHUNK_FILES as RETENTION_CHUNK_FILES
-from reconciler.retention import STATEMENTS_PER_PASS
+from reconciler.retention import FROM_THE_START, STATEMENTS_PER_PASS
 
 HISTORY_BATCHES: Final = 1_000_000
 HISTORY_FILES: Final = 10_000_000
@@ -90,6 +90,7 @@ def sweeper_parameters(settings: Settings) -> dict[str, tuple[Any, ...]]:
             settings.retention_days,
             RETENTION_CHUNK_BATCHES,
             RETENTION_CHUNK_FILES,
+            FROM_THE_START,
         ),
     }
 

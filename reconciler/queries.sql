@@ -507,18 +507,22 @@ UPDATE batches SET parent_batch_id = $2 WHERE batch_id = $1;
 SELECT parent_batch_id, files_digest FROM batches WHERE batch_id = $1;
 
 -- name: delete_expired_batches
--- Retention: deletes finalized batches completed more than $1 days ago, oldest first, at
--- most $2 batches and, after the first, at most $3 files in all, with everything they
--- own (files, summary, events, deliveries and their attempts, audit rows: ON DELETE
+-- Retention: deletes finalized batches completed more than $1 days ago and not before
+-- $4 (where the caller's last chunk ended: the index entries of the batches deleted
+-- before it are dead until VACUUM, and are not walked again), oldest first, at most $2
+-- batches and, after the first, at most $3 files in all, with everything they own
+-- (files, summary, events, deliveries and their attempts, audit rows: ON DELETE
 -- CASCADE); a retry batch of one keeps its rows, its parent_batch_id set to null.
 -- Batches another transaction holds are skipped, so replicas never wait on each other,
 -- and so is a batch whose event a sink is being sent right now (a live delivery claim).
--- Never a batch still processing. Returns how many batches and files went.
+-- Never a batch still processing. Returns how many batches and files went, and the
+-- completion time of the newest one.
 WITH candidates AS (
     SELECT b.batch_id, b.total_files, b.completed_at
     FROM batches b
     WHERE b.status <> 'processing'
       AND b.completed_at < now() - make_interval(days => $1::integer)
+      AND b.completed_at >= $4::timestamptz
       AND NOT EXISTS (
           SELECT 1 FROM events e JOIN deliveries d ON d.event_id = e.event_id
           WHERE e.batch_id = b.batch_id AND d.state = 'pending'
@@ -538,7 +542,8 @@ WITH candidates AS (
     DELETE FROM batches b
     USING chunk c
     WHERE b.batch_id = c.batch_id AND b.status <> 'processing'
-    RETURNING b.total_files
+    RETURNING b.total_files, b.completed_at
 )
-SELECT count(*)::integer AS batches, coalesce(sum(total_files), 0)::bigint AS files
+SELECT count(*)::integer AS batches, coalesce(sum(total_files), 0)::bigint AS files,
+       max(completed_at) AS last_completed_at
 FROM gone;

@@ -53,6 +53,7 @@ class Sweeper:
         self._settings = settings
         self._db = db
         self._queue = queue
+        self._retention = retention.Retention(db, settings.retention_days)
 
     async def run(self) -> None:
         while True:
@@ -161,8 +162,7 @@ class Sweeper:
 
     async def _delete_expired(self) -> int:
         """Deletes a bounded chunk of finalized batches older than the retention."""
-        deleted = await retention.delete_expired(self._db, self._settings.retention_days)
-        return deleted.batches
+        return (await self._retention.delete_expired()).batches
 
     async def _finalize_stuck(self) -> int:
         rows = await self._db.fetch(

@@ -17,7 +17,7 @@ from reconciler import operations
 from reconciler.app import Ports
 from reconciler.config import Settings
 from reconciler.queries import QUERIES
-from reconciler.retention import CHUNK_BATCHES, STATEMENTS_PER_PASS
+from reconciler.retention import CHUNK_BATCHES, FROM_THE_START, STATEMENTS_PER_PASS
 from tests.acceptance.processes import ServiceProcess, run_cli, service_process, with_env
 from tests.chaos.harness import read_events
 from tests.helpers import files, running, sql, submit, wait_for
@@ -216,7 +216,12 @@ async def test_a_large_backlog_drains_in_bounded_chunks_on_the_index(
     await submit(ports, files(2), batch_id="young-open")
     await sql(url, _AGE, ["young-open"], 400)
     plan = await sql(
-        url, "EXPLAIN " + QUERIES["delete_expired_batches"], RETENTION_DAYS, CHUNK_BATCHES, 50_000
+        url,
+        "EXPLAIN " + QUERIES["delete_expired_batches"],
+        RETENTION_DAYS,
+        CHUNK_BATCHES,
+        50_000,
+        FROM_THE_START,
     )
     text = "\n".join(r[0] for r in plan)
     assert "batches_finalized_idx" in text and "Seq Scan on batches" not in text, text
