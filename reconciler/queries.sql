@@ -515,8 +515,9 @@ SELECT parent_batch_id, files_digest FROM batches WHERE batch_id = $1;
 -- CASCADE); a retry batch of one keeps its rows, its parent_batch_id set to null.
 -- Batches another transaction holds are skipped, so replicas never wait on each other,
 -- and so is a batch whose event a sink is being sent right now (a live delivery claim).
--- Never a batch still processing. Returns how many batches and files went, and the
--- completion time of the newest one.
+-- Never a batch still processing. Returns how many batches and files went, the
+-- completion time of the newest one, and that of the oldest finalized batch from $4 on
+-- (where the next statement may start when nothing was due).
 WITH candidates AS (
     SELECT b.batch_id, b.total_files, b.completed_at
     FROM batches b
@@ -545,5 +546,8 @@ WITH candidates AS (
     RETURNING b.total_files, b.completed_at
 )
 SELECT count(*)::integer AS batches, coalesce(sum(total_files), 0)::bigint AS files,
-       max(completed_at) AS last_completed_at
+       max(completed_at) AS last_completed_at,
+       (SELECT min(k.completed_at) FROM batches k
+        WHERE k.status <> 'processing' AND k.completed_at >= $4::timestamptz)
+           AS oldest_completed_at
 FROM gone;
