@@ -508,7 +508,7 @@ SELECT parent_batch_id, files_digest FROM batches WHERE batch_id = $1;
 
 -- name: delete_expired_batches
 -- Retention: deletes finalized batches completed more than $1 days ago and not before
--- $4 (where the caller's last chunk ended: the index entries of the batches deleted
+-- $4 (where the caller's last statement ended: the index entries of the batches deleted
 -- before it are dead until VACUUM, and are not walked again), oldest first, at most $2
 -- batches and, after the first, at most $3 files in all, with everything they own
 -- (files, summary, events, deliveries and their attempts, audit rows: ON DELETE
@@ -516,8 +516,8 @@ SELECT parent_batch_id, files_digest FROM batches WHERE batch_id = $1;
 -- Batches another transaction holds are skipped, so replicas never wait on each other,
 -- and so is a batch whose event a sink is being sent right now (a live delivery claim).
 -- Never a batch still processing. Returns how many batches and files went, the
--- completion time of the newest one, and that of the oldest finalized batch from $4 on
--- (where the next statement may start when nothing was due).
+-- completion time of the newest one, and the moment before which batches were due
+-- (where the next statement starts once this one found no more than it deleted).
 WITH candidates AS (
     SELECT b.batch_id, b.total_files, b.completed_at
     FROM batches b
@@ -547,7 +547,5 @@ WITH candidates AS (
 )
 SELECT count(*)::integer AS batches, coalesce(sum(total_files), 0)::bigint AS files,
        max(completed_at) AS last_completed_at,
-       (SELECT min(k.completed_at) FROM batches k
-        WHERE k.status <> 'processing' AND k.completed_at >= $4::timestamptz)
-           AS oldest_completed_at
+       now() - make_interval(days => $1::integer) AS due_before
 FROM gone;

@@ -10,10 +10,10 @@ the work instead of waiting on each other. A batch still processing is never del
 
 The index entries of deleted batches stay (dead) at the head of the completion-time
 index until VACUUM reaches them, and a scan from the start would walk all of them on
-every statement. So each statement starts where the last chunk ended (or, when nothing
-was due, at the oldest finalized batch kept), and only every RESCAN_S from the very
-beginning, which picks up a batch that was skipped because another transaction held it
-at that moment.
+every statement. So each statement starts where the last one ended: after its chunk
+when the chunk was full, else at the moment before which batches were due (every
+entry before it is dead). Only every RESCAN_S does a statement start from the very
+beginning, which picks up a batch skipped because another transaction held it.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from typing import Final
 import structlog
 
 from reconciler import metrics
-from reconciler.database import Database, Row
+from reconciler.database import Database
 
 log = structlog.get_logger("reconciler.retention")
 
@@ -92,18 +92,13 @@ class Retention:
             gone, gone_files = (int(row["batches"]), int(row["files"])) if row else (0, 0)
             metrics.RETENTION_DELETED.inc(gone)
             batches, files = batches + gone, files + gone_files
-            self._after = _next_start(row, self._after)
-            if gone < self._chunk_batches and gone_files < self._chunk_files:
+            full = gone >= self._chunk_batches or gone_files >= self._chunk_files
+            if row is not None:
+                # A full chunk may have left due batches after it; otherwise every
+                # entry before the due moment is deleted (or held: the rescan's job).
+                self._after = row["last_completed_at"] if full else row["due_before"]
+            if not full:
                 break  # nothing more is due (or the rest is held by another replica)
         if batches:
             log.info("retention_deleted", batches=batches, files=files, statements=ran)
         return Deleted(batches, files, ran)
-
-
-def _next_start(row: Row | None, after: datetime) -> datetime:
-    """Where the next statement starts: after the chunk just deleted, else at the oldest
-    finalized batch kept (every entry before it is dead), else where this one did."""
-    if row is None:
-        return after
-    found: datetime | None = row["last_completed_at"] or row["oldest_completed_at"]
-    return after if found is None else found
