@@ -146,6 +146,24 @@ def _sweep_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--unfinished-files", type=int, default=sweep.UNFINISHED_FILES)
     parser.add_argument("--passes", type=int, default=sweep.PASSES)
     parser.add_argument("--chunk-batches", type=int, default=sweep.CHUNK_BATCHES)
+    parser.add_argument(
+        "--history-age-days",
+        type=int,
+        default=sweep.HISTORY_AGE_DAYS,
+        help="how long ago the history was finalized",
+    )
+    parser.add_argument(
+        "--retention-days",
+        type=int,
+        default=sweep.RETENTION_DAYS,
+        help="retention of the 'retention on' passes; longer than the history's age",
+    )
+    parser.add_argument(
+        "--no-drain",
+        dest="drain",
+        action="store_false",
+        help="skip deleting the history with a retention of one day",
+    )
 
 
 def _submit_args(parser: argparse.ArgumentParser) -> None:
@@ -222,6 +240,8 @@ async def _sweep(args: argparse.Namespace, server: Server) -> dict[str, Any]:
         history_batches=args.history_batches, history_files=args.history_files,
         unfinished_batches=args.unfinished_batches, unfinished_files=args.unfinished_files,
         passes=args.passes, chunk_batches=args.chunk_batches,
+        history_age_days=args.history_age_days, retention_days=args.retention_days,
+        drain=args.drain,
     )  # fmt: skip
     return await sweep.run(server, options)
 

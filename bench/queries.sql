@@ -41,7 +41,8 @@ ORDER BY finalized_by;
 SELECT count(*) FROM batch_files WHERE status = 'pending' AND enqueued_at IS NOT NULL;
 
 -- name: fill_batches
--- History batches $1..$2, finalized long ago; batch g has $3 files, plus one when g <= $4.
+-- History batches $1..$2, finalized $5 days ago (a millisecond apart, oldest first);
+-- batch g has $3 files, plus one when g <= $4.
 INSERT INTO batches (batch_id, run_id, status, files_digest, total_files, files_succeeded,
                      files_failed, created_at, last_file_completed_at, completed_at,
                      finalized_by)
@@ -49,19 +50,19 @@ SELECT id, id, 'completed', 'history', n, n, 0, t, t + interval '1 second',
        t + interval '1010 milliseconds', 'event'
 FROM (
     SELECT 'hist-' || lpad(g::text, 9, '0') AS id, $3::integer + (g <= $4)::integer AS n,
-           now() - interval '30 days' + g * interval '1 millisecond' AS t
+           now() - make_interval(days => $5::integer) + g * interval '1 millisecond' AS t
     FROM generate_series($1::bigint, $2::bigint) g
 ) s;
 
 -- name: fill_files
--- The succeeded files of history batches $1..$2, matching fill_batches' counts.
+-- The succeeded files of history batches $1..$2, matching fill_batches' counts and times.
 INSERT INTO batch_files (batch_id, file_id, uri, status, attempts, enqueued_at,
                          started_at, finished_at, duration_s)
 SELECT 'hist-' || lpad(g::text, 9, '0'), 'file-' || k, 'bench://history/' || g || '/' || k,
        'succeeded', 1, t, t, t + interval '1 second', 0.001
 FROM (
     SELECT g, $3::integer + (g <= $4)::integer AS n,
-           now() - interval '30 days' + g * interval '1 millisecond' AS t
+           now() - make_interval(days => $5::integer) + g * interval '1 millisecond' AS t
     FROM generate_series($1::bigint, $2::bigint) g
 ) s, generate_series(1, s.n) k;
 
@@ -75,6 +76,14 @@ SELECT b.batch_id, b.run_id, b.status, b.finalized_by, b.total_files, b.files_su
        b.files_failed, b.created_at, b.created_at, b.last_file_completed_at, b.completed_at,
        jsonb_build_object('count', b.total_files, 'sum', 0.001 * b.total_files),
        '[]'::jsonb, '{}'::jsonb, '{}'::jsonb
+FROM generate_series($1::bigint, $2::bigint) g
+JOIN batches b ON b.batch_id = 'hist-' || lpad(g::text, 9, '0');
+
+-- name: fill_events
+-- The `batch.finalized` event of each history batch $1..$2, as finalization writes it
+-- (no delivery rows: no webhook was subscribed).
+INSERT INTO events (event_id, batch_id, type, data, created_at)
+SELECT 'evt_hist_' || g, b.batch_id, 'batch.finalized', '{}'::jsonb, b.completed_at
 FROM generate_series($1::bigint, $2::bigint) g
 JOIN batches b ON b.batch_id = 'hist-' || lpad(g::text, 9, '0');
 
@@ -102,6 +111,12 @@ SELECT 'open-' || g, 'file-' || k, 'bench://open/' || g || '/' || k,
        CASE WHEN k % 3 = 0 THEN now() END,
        CASE WHEN k % 3 = 0 THEN 0.001 END
 FROM generate_series(1, $1::integer) g, generate_series(1, $2::integer) k;
+
+-- name: history_left
+-- What is left of the history after retention ran: its batches, and every file row.
+SELECT (SELECT count(*) FROM batches WHERE files_digest = 'history') AS batches,
+       (SELECT count(*) FROM batch_files) AS file_rows,
+       (SELECT count(*) FROM batches WHERE status = 'processing') AS unfinalized;
 
 -- name: vacuum_analyze
 VACUUM (ANALYZE);

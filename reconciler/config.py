@@ -41,6 +41,8 @@ Pooler = Literal["none", "session", "transaction"]
 DATABASE_POOLER: Final[Pooler] = "none"
 DATABASE_POOLERS: Final[tuple[Pooler, ...]] = get_args(Pooler)
 EVENTS_PING_INTERVAL_S: Final = 15.0
+RETENTION_DAYS: Final = 30
+MAX_RETENTION_DAYS: Final = 36_500  # a century: anything longer is "keep everything" (0)
 
 _NAMESPACE_RE: Final = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 _HOST_RE: Final = re.compile(r"^(?=.{1,253}$)[a-z0-9_]([a-z0-9_-]{0,62})(\.[a-z0-9_-]{1,63})*$")
@@ -80,6 +82,8 @@ class Settings:
     delivery_timeout_s: float = DELIVERY_TIMEOUT_S
     delivery_poll_interval_s: float = DELIVERY_POLL_INTERVAL_S
     events_ping_interval_s: float = EVENTS_PING_INTERVAL_S
+    # Finalized batches older than this many days are deleted by the sweeper; 0 keeps all.
+    retention_days: int = RETENTION_DAYS
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str], **overrides: Any) -> Settings:
@@ -195,6 +199,11 @@ _positive_int = _parse_with("a positive integer", int, lambda v: v > 0)
 _port = _parse_with("a port number 0-65535", int, lambda v: 0 <= v <= 65535)
 _positive_float = _parse_with("a positive number of seconds", float, lambda v: v > 0)
 _non_negative_float = _parse_with("a number of seconds >= 0", float, lambda v: v >= 0)
+_days = _parse_with(
+    f"a whole number of days 0-{MAX_RETENTION_DAYS} (0 keeps everything)",
+    int,
+    lambda v: 0 <= v <= MAX_RETENTION_DAYS,
+)
 
 _PARSERS: Final[dict[str, Callable[[str, str], Any]]] = {
     "database_url": _text,
@@ -224,4 +233,5 @@ _PARSERS: Final[dict[str, Callable[[str, str], Any]]] = {
     "delivery_timeout_s": _positive_float,
     "delivery_poll_interval_s": _positive_float,
     "events_ping_interval_s": _positive_float,
+    "retention_days": _days,
 }

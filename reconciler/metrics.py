@@ -16,6 +16,14 @@ DEAD_LETTER_REASONS: Final = ("malformed", "unknown_batch")
 ACTORS: Final = ("consumer", "detector", "finalizer", "sweeper", "monitor", "delivery", "api")
 SINKS: Final = ("webhook", "hook")
 DELIVERY_OUTCOMES: Final = ("delivered", "failed", "dead")
+SWEEP_REPAIR_KINDS: Final = (
+    "finalized",
+    "deadline",
+    "lease_reclaimed",
+    "lease_exhausted",
+    "requeued",
+    "retention_deleted",
+)
 _LATENCY_BUCKETS_S: Final = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300,
 )  # fmt: skip
@@ -93,6 +101,11 @@ OPERATOR_ACTIONS: Final = Counter(
     ["action"],
 )
 
+RETENTION_DELETED: Final = Counter(
+    "reconciler_retention_deleted",
+    "Finalized batches deleted by retention (RECONCILER_RETENTION_DAYS), with all their rows.",
+)
+
 
 def preinitialize() -> None:
     """Exports every label combination at zero so dashboards and rates start at once."""
@@ -104,7 +117,7 @@ def preinitialize() -> None:
             FINALIZATIONS.labels(trigger, outcome)
     for outcome in ("succeeded", "failed", "retried"):
         FILES_PROCESSED.labels(outcome)
-    for kind in ("finalized", "deadline", "lease_reclaimed", "lease_exhausted", "requeued"):
+    for kind in SWEEP_REPAIR_KINDS:
         SWEEP_REPAIRS.labels(kind)
     for reason in DEAD_LETTER_REASONS:
         JOBS_DEAD_LETTERED.labels(reason)

@@ -654,3 +654,47 @@ GROUP BY bucket, finalized_by;
 SELECT count(*) AS undelivered,
        coalesce(extract(epoch FROM now() - min(finalized_at)), 0) AS oldest_undelivered_s
 FROM deliveries WHERE state = 'pending';
+
+-- name: delete_expired_batches
+-- Retention: deletes finalized batches completed more than $1 days ago and not before
+-- $4 (where the caller's last statement ended: the index entries of the batches deleted
+-- before it are dead until VACUUM, and are not walked again), oldest first, at most $2
+-- batches and, after the first, at most $3 files in all, with everything they own
+-- (files, summary, events, deliveries and their attempts, audit rows: ON DELETE
+-- CASCADE); a retry batch of one keeps its rows, its parent_batch_id set to null.
+-- Batches another transaction holds are skipped, so replicas never wait on each other,
+-- and so is a batch whose event a sink is being sent right now (a live delivery claim).
+-- Never a batch still processing. Returns how many batches and files went, the
+-- completion time of the newest one, and the moment before which batches were due
+-- (where the next statement starts once this one found no more than it deleted).
+WITH candidates AS (
+    SELECT b.batch_id, b.total_files, b.completed_at
+    FROM batches b
+    WHERE b.status <> 'processing'
+      AND b.completed_at < now() - make_interval(days => $1::integer)
+      AND b.completed_at >= $4::timestamptz
+      AND NOT EXISTS (
+          SELECT 1 FROM events e JOIN deliveries d ON d.event_id = e.event_id
+          WHERE e.batch_id = b.batch_id AND d.state = 'pending'
+            AND d.claimed_by IS NOT NULL AND d.next_attempt_at > now())
+    ORDER BY b.completed_at
+    LIMIT $2
+    FOR UPDATE OF b SKIP LOCKED
+), chunk AS (
+    SELECT batch_id
+    FROM (
+        SELECT batch_id,
+               sum(total_files) OVER (ORDER BY completed_at, batch_id) - total_files AS before
+        FROM candidates
+    ) c
+    WHERE c.before < $3
+), gone AS (
+    DELETE FROM batches b
+    USING chunk c
+    WHERE b.batch_id = c.batch_id AND b.status <> 'processing'
+    RETURNING b.total_files, b.completed_at
+)
+SELECT count(*)::integer AS batches, coalesce(sum(total_files), 0)::bigint AS files,
+       max(completed_at) AS last_completed_at,
+       now() - make_interval(days => $1::integer) AS due_before
+FROM gone;

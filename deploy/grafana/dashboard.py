@@ -338,7 +338,7 @@ def _sweeper_row(builder: dashboard_builders.Dashboard) -> dashboard_builders.Da
                 "Duration of one periodic reconciliation pass.",
                 _quantiles("reconciler_sweep_duration_seconds"),
                 unit="s",
-                span=8,
+                span=6,
             )
         )
         .with_panel(
@@ -353,7 +353,24 @@ def _sweeper_row(builder: dashboard_builders.Dashboard) -> dashboard_builders.Da
                     )
                 ],
                 unit="short",
-                span=8,
+                span=6,
+            )
+        )
+        .with_panel(
+            _timeseries(
+                "Batches deleted by retention",
+                "Finalized batches older than RECONCILER_RETENTION_DAYS deleted with all "
+                "their rows, at most 5,000 per pass and replica. Flat at 0 with "
+                "retention 0 or no history that old.",
+                [
+                    (
+                        f"sum(increase(reconciler_retention_deleted_total{{{JOB}}}"
+                        "[$__rate_interval]))",
+                        "deleted",
+                    )
+                ],
+                unit="short",
+                span=6,
             )
         )
         .with_panel(
@@ -369,7 +386,7 @@ def _sweeper_row(builder: dashboard_builders.Dashboard) -> dashboard_builders.Da
                     )
                 ],
                 unit="short",
-                span=8,
+                span=6,
             )
         )
     )

@@ -2,10 +2,11 @@
 
 Each pass reclaims files whose worker stopped renewing its lease, finalizes batches
 past their deadline and batches left complete but unfinalized past the grace period,
-re-enqueues files whose job is gone, and removes consumers of stopped processes. Each
-repair runs on its own: a Redis outage stops only the Redis ones. Every query reads a
-partial index over unfinished rows, so a pass costs the same however much history the
-tables hold.
+re-enqueues files whose job is gone, removes consumers of stopped processes, and deletes
+finalized batches past their retention. Each repair runs on its own: a Redis outage
+stops only the Redis ones. Every query reads a partial index (unfinished rows, or the
+finalized batches by completion time), so a pass costs the same however much history
+the tables hold.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Final
 import anyio
 import structlog
 
-from reconciler import metrics, reasons, requeue
+from reconciler import metrics, reasons, requeue, retention
 from reconciler.config import Settings
 from reconciler.database import Database, Row
 from reconciler.errors import RetryableError
@@ -52,6 +53,7 @@ class Sweeper:
         self._settings = settings
         self._db = db
         self._queue = queue
+        self._retention = retention.Retention(db, settings.retention_days)
 
     async def run(self) -> None:
         while True:
@@ -69,6 +71,7 @@ class Sweeper:
             ("finalized", self._finalize_stuck),
             ("requeued", self._requeue_missing),
             ("consumers_removed", self._prune_consumers),
+            ("retention_deleted", self._delete_expired),
         ]
         for kind, repair in repairs:
             try:
@@ -145,6 +148,10 @@ class Sweeper:
         if removed:
             log.info("consumers_removed", consumers=removed)
         return len(removed)
+
+    async def _delete_expired(self) -> int:
+        """Deletes a bounded chunk of finalized batches older than the retention."""
+        return (await self._retention.delete_expired()).batches
 
     async def _finalize_stuck(self) -> int:
         rows = await self._db.fetch(

@@ -27,6 +27,7 @@ SWEEPER_QUERIES = {
     "claim_unqueued_files",
     "deadline_batches",
     "stuck_batches",
+    "delete_expired_batches",
 }
 
 
@@ -74,6 +75,15 @@ def test_sweep_times_both_histories_and_explains_each_query(services: Endpoints)
     for history in ("empty", "history"):
         assert set(result["plans"][history]) == SWEEPER_QUERIES
         assert all(plan["plan"] for plan in result["plans"][history].values())
+    assert {"median", "min", "p90", "max"} <= result["history_retention_ms"].keys()
+    deletion = result["deletion"]
+    assert (deletion["batches"], deletion["files"]) == (100, 1000)
+    assert deletion["batches_per_s"] > 0 and deletion["files_per_s"] > 0
+    assert deletion["checks"] == {
+        "history_left": 0, "unfinalized": 4, "other_repairs": {}, "ok": True,
+    }  # fmt: skip
+    assert {"median", "min", "p90", "max"} <= deletion["after_vacuum_ms"].keys()
+    assert deletion["plan"]["plan"] and deletion["passes"] >= 1
 
 
 def test_submit_creates_and_enqueues_every_file(services: Endpoints) -> None:

@@ -32,6 +32,7 @@ REQUIRED_PANELS = {
     "Oldest undelivered event": "reconciler_oldest_undelivered_event_age_seconds",
     "Deliveries per second by sink and outcome": "reconciler_deliveries_total",
     "Delivery latency by sink (p50 / p99)": "reconciler_delivery_latency_seconds_bucket",
+    "Batches deleted by retention": "reconciler_retention_deleted_total",
 }
 SHARED_GAUGES = {
     "reconciler_batches_stuck",
@@ -48,6 +49,7 @@ CONTRACT_COUNTERS = {
     "reconciler_sweep_repairs_total",
     "reconciler_actor_restarts_total",
     "reconciler_deliveries_total",
+    "reconciler_retention_deleted_total",
 }
 CONTRACT_HISTOGRAMS = {
     "reconciler_finalization_latency_seconds",

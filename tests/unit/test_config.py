@@ -17,6 +17,7 @@ def test_defaults_match_the_contract() -> None:
     assert s.handler == "reconciler.handlers:inspect_file"
     assert s.api_token is None and s.database_url is None
     assert s.database_pooler == "none"
+    assert s.retention_days == 30
 
 
 def test_environment_values_are_parsed() -> None:
@@ -40,12 +41,21 @@ def test_environment_values_are_parsed() -> None:
         ("RECONCILER_NAMESPACE", "has space"),
         ("RECONCILER_DATABASE_POOLER", "statement"),
         ("RECONCILER_DATABASE_POOLER", "Transaction"),
+        ("RECONCILER_RETENTION_DAYS", "-1"),
+        ("RECONCILER_RETENTION_DAYS", "1.5"),
+        ("RECONCILER_RETENTION_DAYS", "36501"),
     ],
 )
 def test_bad_value_names_its_variable(variable: str, value: str) -> None:
     """A malformed setting fails with a message that starts with the variable's name."""
     with pytest.raises(ConfigError, match=f"^{variable}: "):
         Settings.from_env({variable: value})
+
+
+def test_retention_days_zero_keeps_everything() -> None:
+    """RECONCILER_RETENTION_DAYS=0 is valid: retention is off."""
+    assert Settings.from_env({"RECONCILER_RETENTION_DAYS": "0"}).retention_days == 0
+    assert Settings.from_env({"RECONCILER_RETENTION_DAYS": "7"}).retention_days == 7
 
 
 def test_settings_are_frozen() -> None:
