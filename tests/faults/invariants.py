@@ -19,10 +19,10 @@ from tests.faults.handlers import HandlerRun
 from tests.faults.scenario import (
     LETTERS,
     MAX_ATTEMPTS,
-    SWEEP_INTERVAL_S,
-    VISIBILITY_TIMEOUT_S,
     RunRecord,
+    prunable_since,
     special_file,
+    swept_since,
 )
 
 HANDLER_ERROR: Final = f"RuntimeError: {handlers.FAILURE_MESSAGE}"
@@ -176,7 +176,7 @@ def _nothing_left(record: RunRecord) -> Found:
         yield "I5", "dead letters != 1", f"{final.dead_letters} jobs dead-lettered"
     if record.stale_consumers:
         yield "I5", "stopped consumers before stop", ", ".join(record.stale_consumers)
-    left = [c for c in final.consumers if _prunable(c, record.generations)]
+    left = [c for c in final.consumers if _prunable(c, record)]
     if left:
         story = "; ".join(_story(record, name.split(" ", 1)[0]) for name in left)
         yield "I5", "consumers after graceful stop", f"{'; '.join(left)} | {story}"
@@ -186,18 +186,21 @@ def _nothing_left(record: RunRecord) -> Found:
             yield "I5", "file left in flight", f"{letter}/{file_id}: {detail}"
 
 
-def _prunable(consumer: str, last: int) -> bool:
+def _prunable(consumer: str, record: RunRecord) -> bool:
     """Whether a consumer still listed after the last graceful stop should be gone.
 
     The last generation's stop removes its own consumer. A stopped generation's consumer
-    is removed by a sweep once idle past the visibility timeout: one that went quiet
-    less than that (plus two sweeps) before the end may still be listed.
+    is removed by a sweep once idle past the visibility timeout with nothing pending: it
+    should be gone only if a sweep started after that and finished before the end. Its
+    idle time at the end also counts the last stop, during which no sweep runs.
     """
-    if f"(generation {last})" in consumer:
+    if f"(generation {record.generations})" in consumer:
         return True
     idle = re.search(r"idle=(\d+)ms", consumer)
-    grace_ms = (VISIBILITY_TIMEOUT_S + 2 * SWEEP_INTERVAL_S) * 1000
-    return idle is None or int(idle[1]) >= grace_ms
+    if idle is None:
+        return True
+    since = prunable_since(int(idle[1]), record.final.read_at, record.events)
+    return swept_since(record.events, since)
 
 
 _LIFECYCLE: Final = frozenset(

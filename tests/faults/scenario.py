@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextvars
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator, MutableMapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -39,8 +39,6 @@ SLOW_S: Final = 1.2
 VISIBILITY_TIMEOUT_S: Final = 1.0
 SWEEP_INTERVAL_S: Final = 0.2
 SETTLE_TIMEOUT_S: Final = 15.0
-# How long stopped consumers may linger in the group once the run has settled.
-STALE_CONSUMER_GRACE_S: Final = 1.5
 RESTART_TIMEOUT_S: Final = 10.0
 STOP_TIMEOUT_S: Final = 10.0
 SUBMIT_TRIES: Final = 6
@@ -164,6 +162,8 @@ class FinalState:
     stream_length: int
     dead_letters: int
     consumers: list[str]
+    # When the consumers were listed, on the clock of the events' `at`.
+    read_at: float = 0.0
 
 
 @dataclass
@@ -208,6 +208,7 @@ def route_event(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapp
         return event
     generation = CURRENT_GENERATION.get()
     event["generation"] = generation.number if generation else 0
+    event["at"] = time.monotonic()
     run.events.append(event)
     raise structlog.DropEvent
 
@@ -272,11 +273,50 @@ async def final_state(
     for r in await lane.check.fetch("SELECT * FROM run_summaries"):
         summaries.setdefault(_letter(tag, r["batch_id"]), []).append(dict(r))
     pending, queued, length, dead = await redis_state(lane.redis, queue)
+    read_at = time.monotonic()
     consumers = [
         f"{_owner(row['name'].decode(), events)} pending={row['pending']} idle={row['idle']}ms"
         for row in await consumer_rows(lane.redis, queue)
     ]
-    return FinalState(batches, files, summaries, pending, queued, length, dead, consumers)
+    return FinalState(batches, files, summaries, pending, queued, length, dead, consumers, read_at)
+
+
+def prunable_since(idle_ms: int, read_at: float, events: list[MutableMapping[str, Any]]) -> float:
+    """When a consumer seen idle `idle_ms` at `read_at` became removable by a sweep.
+
+    Idle past the visibility timeout, and nothing pending: entries another consumer
+    claimed from it leave it without refreshing its idle time, so not before the last
+    reclaim either.
+    """
+    since = read_at - idle_ms / 1000 + VISIBILITY_TIMEOUT_S
+    reclaims = [
+        float(e["at"]) for e in events
+        if e.get("event") == "jobs_reclaimed" and e["at"] <= read_at
+    ]  # fmt: skip
+    return max([since, *reclaims])
+
+
+def swept_since(events: list[MutableMapping[str, Any]], since: float) -> bool:
+    """Whether a sweep that started at `since` or later finished its consumer repair.
+
+    Such a sweep removes every consumer that was removable when it started, so one
+    still listed after it was left behind. Counted in sweeps, not seconds: a loaded
+    machine stretches the sweeps, and a stopping generation runs none.
+    """
+    failed = [
+        e for e in events
+        if e.get("event") == "sweep_repair_failed" and e.get("repair") == "consumers_removed"
+    ]  # fmt: skip
+    for e in events:
+        if e.get("event") != "sweep_finished":
+            continue
+        started = float(e["at"]) - float(e.get("duration_ms", 0)) / 1000
+        if started < since:
+            continue
+        same = (f for f in failed if f["generation"] == e["generation"])
+        if not any(started <= f["at"] <= e["at"] for f in same):
+            return True
+    return False
 
 
 def _letter(tag: str, batch_id: str) -> str:
@@ -422,20 +462,33 @@ class Run:
         )
 
     async def stale_consumers(self) -> list[str]:
-        """Consumers of stopped generations or runs still in the group, after a grace."""
+        """Consumers of stopped generations still in the group after a sweep could remove them.
 
-        async def stale() -> list[str]:
+        Each is waited for until a sweep of the live generation that started once it was
+        removable has finished (see `swept_since`): one still listed then was left behind.
+        """
+        overdue: list[str] = []
+
+        async def settled() -> bool:
             live = self.current.service.consumer
-            names = await group_consumers(self.lane.redis, self.real.queue)
-            return [n for n in names if live is None or n != live.consumer]
+            read_at = time.monotonic()
+            rows = [
+                row for row in await consumer_rows(self.lane.redis, self.real.queue)
+                if live is None or row["name"].decode() != live.consumer
+            ]  # fmt: skip
+            overdue[:] = [
+                row["name"].decode() for row in rows
+                if swept_since(self.events, prunable_since(int(row["idle"]), read_at, self.events))
+            ]  # fmt: skip
+            return not rows or bool(overdue)
 
         try:
-            await wait_for(
-                _none(stale), timeout_s=STALE_CONSUMER_GRACE_S, what="stale consumers leave"
-            )
+            await wait_for(settled, timeout_s=SETTLE_TIMEOUT_S, what="stale consumers leave")
         except AssertionError:
-            return [_owner(name, self.events) for name in await stale()]
-        return []
+            names = await group_consumers(self.lane.redis, self.real.queue)
+            live = self.current.service.consumer
+            overdue = [n for n in names if live is None or n != live.consumer]
+        return [_owner(name, self.events) for name in overdue]
 
     async def stop(self) -> bool:
         """Stops the live generation gracefully; a crash while stopping means another go."""
@@ -452,13 +505,6 @@ class Run:
                 if not await self.settle():
                     self.stale += await self.stale_consumers()
         return False
-
-
-def _none(probe: Callable[[], Awaitable[list[str]]]) -> Callable[[], Awaitable[bool]]:
-    async def check() -> bool:
-        return not await probe()
-
-    return check
 
 
 def _owner(name: str, events: list[MutableMapping[str, Any]]) -> str:
