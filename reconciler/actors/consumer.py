@@ -13,6 +13,7 @@ spend no attempt.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
 import socket
@@ -96,7 +97,14 @@ class _Dispatch:
             self._idle.popleft().set()
 
     async def next(self) -> Work | None:
-        """The next file, at once if one waits; None once closed and drained."""
+        """The next file; None once closed and drained.
+
+        One trip through the event loop first, as a channel would make: a worker
+        running fast files back to back must not hold back the finalizer, whose
+        statements each wait for a turn of the loop (finalize latency doubled when
+        a worker ran eight files per turn).
+        """
+        await asyncio.sleep(0)
         while not self._items:
             if self._closed:
                 return None
