@@ -28,6 +28,10 @@ class FileJob:
     payload: Any = None
     attempt: int = 1
 
+    def with_attempt(self, attempt: int) -> FileJob:
+        """The same file at another attempt (cheaper than `dataclasses.replace`)."""
+        return FileJob(self.batch_id, self.file_id, self.uri, self.payload, attempt)
+
 
 def payload_text(payload: Any) -> str:
     """The payload as the JSON text its job carries and Postgres keeps verbatim."""

@@ -334,8 +334,8 @@ LIMIT $2;
 SELECT 1;
 
 -- name: session_settings
-SELECT set_config('plan_cache_mode', 'force_custom_plan', false),
-       set_config('random_page_cost', '1.1', false);
+-- Cached-page costs for every pooled connection, so primary-key joins win over scans.
+SELECT set_config('random_page_cost', '1.1', false);
 
 -- name: array_codecs
 -- Binds one of each array type (but text[]) that the other statements bind or return:

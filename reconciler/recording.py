@@ -1,9 +1,9 @@
 """The consumer's last stage: writes outcomes and attempts, then acks or dead-letters.
 
-Workers and the reader send `Started` and `Settle` items; the recorder gathers them for
-up to the flush interval and writes each kind in one statement. An attempt whose file
-is settled within the same flush is written with its outcome alone: a fast file costs
-one row update. Each step is retried on its own and can run twice safely.
+Workers and the reader send `Started` and `Settle` items to its `Inbox`; the recorder
+gathers them for up to the flush interval and writes each kind in one statement. An
+attempt whose file is settled within the same flush is written with its outcome alone:
+a fast file costs one row update. Each step is retried on its own and can run twice safely.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Final, TypeVar
 
 import anyio
 import structlog
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+from anyio.streams.memory import MemoryObjectSendStream
 
 from reconciler import jobs, metrics, reasons
 from reconciler.config import Settings
@@ -101,6 +101,57 @@ class Written:
         return True
 
 
+class Inbox:
+    """What the workers and the reader hand the recorder, taken a flush at a time.
+
+    A memory channel costs a trip through the event loop per item sent and received,
+    two items per file; here `send` appends at once and waits only while `limit` items
+    are already waiting (so a stalled recorder still holds the workers back).
+    """
+
+    def __init__(self, limit: int) -> None:
+        self._items: list[Item] = []
+        self._limit = limit
+        self._closed = False
+        self._arrived = anyio.Event()
+        self._full = anyio.Event()
+        self._room = anyio.Event()
+
+    async def send(self, item: Item) -> None:
+        while len(self._items) >= self._limit and not self._closed:
+            await self._room.wait()
+        if self._closed:
+            raise anyio.ClosedResourceError
+        self._items.append(item)
+        self._arrived.set()
+        if len(self._items) >= self._limit:
+            self._full.set()
+
+    def close(self) -> None:
+        """No more items: `take` returns what is left, then an empty list."""
+        self._closed = True
+        self._arrived.set()
+        self._full.set()
+        self._room.set()
+
+    async def take(self, wait_s: float) -> list[Item]:
+        """Waits for one item, then up to `wait_s` for more (or until `limit` wait)."""
+        while not self._items:
+            if self._closed:
+                return []
+            self._arrived = anyio.Event()
+            await self._arrived.wait()
+        if len(self._items) < self._limit and not self._closed:
+            with anyio.move_on_after(wait_s):
+                await self._full.wait()
+        group, self._items = self._items[: self._limit], self._items[self._limit :]
+        if len(self._items) < self._limit and not self._closed:
+            self._full = anyio.Event()
+        self._room.set()
+        self._room = anyio.Event()
+        return group
+
+
 class Recorder:
     """Writes what the workers report.
 
@@ -129,35 +180,9 @@ class Recorder:
         """Shares the consumer's books of deliveries, running files and written attempts."""
         self._in_flight, self._running, self._written = in_flight, running, written
 
-    async def run(self, items: MemoryObjectReceiveStream[Item]) -> None:
-        async with items:
-            while group := await self._collect(items):
-                await self._flush(group)
-
-    async def _collect(self, items: MemoryObjectReceiveStream[Item]) -> list[Item]:
-        """Waits for one item, then gathers more for up to the flush interval."""
-        try:
-            group = [await items.receive()]
-        except anyio.EndOfStream:
-            return []
-        deadline = anyio.current_time() + self._settings.flush_interval_s
-        while len(group) < self._settings.flush_max_files:
-            try:
-                group.append(items.receive_nowait())
-                continue
-            except anyio.WouldBlock:
-                pass
-            except anyio.EndOfStream:
-                break
-            remaining = deadline - anyio.current_time()
-            if remaining <= 0:
-                break
-            with anyio.move_on_after(remaining):
-                try:
-                    group.append(await items.receive())
-                except anyio.EndOfStream:
-                    break
-        return group
+    async def run(self, items: Inbox) -> None:
+        while group := await items.take(self._settings.flush_interval_s):
+            await self._flush(group)
 
     async def _flush(self, items: list[Item]) -> None:
         settles = [s for s in items if isinstance(s, Settle)]

@@ -70,6 +70,22 @@ async def test_async_handler_timeout() -> None:
     assert (done.ok, done.error) == (False, "timed out")
 
 
+async def test_sync_handler_timeout_abandons_its_thread() -> None:
+    """A blocking handler is cut at the timeout; its thread is left to finish alone."""
+    import threading
+
+    release = threading.Event()
+
+    def block(job: FileJob) -> None:
+        release.wait(5)
+
+    try:
+        done = await _executor(block, attempts=1, timeout_s=0.05).execute(JOB)
+    finally:
+        release.set()
+    assert (done.ok, done.error) == (False, "timed out")
+
+
 async def test_thread_killing_handler_is_a_failure() -> None:
     """SystemExit raised in the handler's thread fails the file, not the service."""
 
