@@ -73,16 +73,8 @@ def _peer(options: VersusOptions) -> peer.PeerOptions:
 
 def ours_summary(result: dict[str, Any]) -> dict[str, Any]:
     """The figures of one `throughput` run that have a counterpart on the peer's side."""
-    per_file = result["cpu_us_per_file"]
     return {
-        "files_per_s": result["files_per_s"],
-        "wall_s": result["wall_s"],
-        "submit_s": result["submit_s"],
-        "finalize_latency_ms": result["finalize_latency_ms"],
-        "cpu_us_per_file": {**per_file, "total": _total(per_file.values())},
-        "host_busy_pct": result["cpu"]["host_busy_pct"],
-        "others_s": result["cpu"]["others_s"],
-        "peak_rss_mb": result["peak_rss_mb"],
+        **_shared(result, result["cpu"]["host_busy_pct"], result["cpu"]["others_s"]),
         "ok": bool(result["checks"]["ok"]),
         "checks": result["checks"],
         "logs": result["logs"],
@@ -91,6 +83,19 @@ def ours_summary(result: dict[str, Any]) -> dict[str, Any]:
 
 def peer_summary(result: dict[str, Any]) -> dict[str, Any]:
     """The peer's JSON line, with a CPU total per file that matches ours."""
+    cpu = result["cpu_s"]
+    return {
+        **_shared(result, cpu["host_busy_pct"], _others_s(cpu)),
+        "ok": bool(result["checks"]["ok"]) and result["exit_code"] == 0,
+        "checks": result["checks"],
+        "bullmq": result["bullmq"],
+        "node": result["node"],
+        "command": result["command"],
+    }
+
+
+def _shared(result: dict[str, Any], host_busy_pct: float, others_s: float | None) -> dict[str, Any]:
+    """The figures both sides report under the same names."""
     per_file = result["cpu_us_per_file"]
     return {
         "files_per_s": result["files_per_s"],
@@ -98,14 +103,9 @@ def peer_summary(result: dict[str, Any]) -> dict[str, Any]:
         "submit_s": result["submit_s"],
         "finalize_latency_ms": result["finalize_latency_ms"],
         "cpu_us_per_file": {**per_file, "total": _total(per_file.values())},
-        "host_busy_pct": result["cpu_s"]["host_busy_pct"],
-        "others_s": _others_s(result["cpu_s"]),
+        "host_busy_pct": host_busy_pct,
+        "others_s": others_s,
         "peak_rss_mb": result["peak_rss_mb"],
-        "ok": bool(result["checks"]["ok"]) and result["exit_code"] == 0,
-        "checks": result["checks"],
-        "bullmq": result["bullmq"],
-        "node": result["node"],
-        "command": result["command"],
     }
 
 
