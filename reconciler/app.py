@@ -51,18 +51,18 @@ class Role(enum.StrEnum):
 class Ports:
     db: Database
     queue: JobQueue
-    # Polling only, unless opened by `open_ports` with `listen` (its default).
+    # Polling only, unless opened by `open_ports` with `listen=True`.
     notifications: Notifications = field(default_factory=Notifications)
 
 
 @asynccontextmanager
-async def open_ports(settings: Settings, *, listen: bool = True) -> AsyncIterator[Ports]:
-    """Connects to Postgres and Redis, and LISTENs on a connection of its own; closes
-    them all on exit.
+async def open_ports(settings: Settings, *, listen: bool = False) -> AsyncIterator[Ports]:
+    """Connects to Postgres and Redis; closes them all on exit.
 
-    `listen=False`, or `RECONCILER_DATABASE_POOLER=transaction` (LISTEN cannot work
-    through PgBouncer in transaction mode), opens no listening connection: then every
-    waiter, stream and the delivery actor poll.
+    `listen=True` (the service, `Client`) also LISTENs on a connection of its own, so
+    waiters, streams and the delivery actor are woken at once; without it, or with
+    `RECONCILER_DATABASE_POOLER=transaction` (LISTEN cannot work through PgBouncer in
+    transaction mode), they poll. One-shot commands need no listener.
     """
     if not settings.database_url:
         raise ConfigError("RECONCILER_DATABASE_URL: not set")
@@ -187,6 +187,6 @@ async def require_current_schema(db: Database) -> None:
 
 async def run_service(settings: Settings, role: Role, stop: anyio.Event) -> None:
     """Connects, checks the schema, and serves the role until `stop` and the drain."""
-    async with open_ports(settings) as ports:
+    async with open_ports(settings, listen=True) as ports:
         await require_current_schema(ports.db)
         await Service(settings, ports, role, stop).serve()

@@ -156,7 +156,7 @@ async def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _migrate(_: argparse.Namespace, settings: Settings) -> int:
-    async with open_ports(settings, listen=False) as ports:
+    async with open_ports(settings) as ports:
         applied = await migrations.migrate(ports.db)
     log.info(
         "migrations_applied",
@@ -210,27 +210,27 @@ async def _submit(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _status(args: argparse.Namespace, settings: Settings) -> int:
-    async with open_ports(settings, listen=False) as ports:
+    async with open_ports(settings) as ports:
         print_progress(await batches.progress(ports.db, args.batch_id), as_json=args.json)
     return EXIT_OK
 
 
 async def _explain(args: argparse.Namespace, settings: Settings) -> int:
-    async with open_ports(settings, listen=False) as ports:
+    async with open_ports(settings) as ports:
         report = await batches.explain(ports.db, args.batch_id, settings.stuck_grace_s)
     print_explain(report, as_json=args.json)
     return EXIT_OK
 
 
 async def _stuck(args: argparse.Namespace, settings: Settings) -> int:
-    async with open_ports(settings, listen=False) as ports:
+    async with open_ports(settings) as ports:
         rows = await batches.stuck(ports.db, settings.stuck_grace_s)
     print_stuck(rows, as_json=args.json)
     return EXIT_OK
 
 
 async def _webhooks(args: argparse.Namespace, settings: Settings) -> int:
-    async with open_ports(settings, listen=False) as ports:
+    async with open_ports(settings) as ports:
         if args.action == "add":
             print_created_webhook(await _add_webhook(ports, args, settings))
         elif args.action == "list":
@@ -257,7 +257,7 @@ async def _add_webhook(
 
 
 async def _deliveries(args: argparse.Namespace, settings: Settings) -> int:
-    async with open_ports(settings, listen=False) as ports:
+    async with open_ports(settings) as ports:
         found = await delivery.of_batch(ports.db, args.batch_id)
     print_deliveries(found, as_json=args.json)
     return EXIT_OK

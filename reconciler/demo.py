@@ -65,7 +65,7 @@ async def run_demo(args: argparse.Namespace, settings: Settings) -> int:
     logs.configure("console", level=logging.INFO if args.verbose else logging.ERROR)
     with _services(settings, args.data_dir) as urls:
         demo_settings = _settings_for_demo(settings, urls, args)
-        async with open_ports(demo_settings) as ports:
+        async with open_ports(demo_settings, listen=True) as ports:
             await migrations.migrate(ports.db)
             await _story(args, demo_settings, ports)
     console.print("[green]demo finished[/]: embedded servers (if any) stopped")

@@ -50,14 +50,14 @@ def _login() -> str:
 
 
 async def cancel(args: argparse.Namespace, settings: Settings) -> int:
-    async with open_ports(settings, listen=False) as ports:
+    async with open_ports(settings) as ports:
         await operations.cancel(ports.db, args.batch_id, args.reason, _actor(args))
         print_progress(await _progress(ports.db, args.batch_id), as_json=args.json)
     return EXIT_OK
 
 
 async def retry_failed(args: argparse.Namespace, settings: Settings) -> int:
-    async with open_ports(settings, listen=False) as ports:
+    async with open_ports(settings) as ports:
         retried = await operations.retry_failed(
             ports.db, ports.queue, args.batch_id, args.reason, _actor(args), args.new_batch_id
         )
@@ -70,7 +70,7 @@ async def retry_failed(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def audit(args: argparse.Namespace, settings: Settings) -> int:
-    async with open_ports(settings, listen=False) as ports:
+    async with open_ports(settings) as ports:
         items = await operations.audit(ports.db, args.batch_id)
     print_audit(args.batch_id, items, as_json=args.json)
     return EXIT_OK
@@ -78,7 +78,7 @@ async def audit(args: argparse.Namespace, settings: Settings) -> int:
 
 async def list_dead_letters(args: argparse.Namespace, settings: Settings) -> int:
     limit = max(1, min(args.limit, dead_letters.MAX_PAGE_SIZE))
-    async with open_ports(settings, listen=False) as ports:
+    async with open_ports(settings) as ports:
         page = await dead_letters.listed(ports.queue, limit, args.after)
     print_dead_letters(page, as_json=args.json)
     return EXIT_OK

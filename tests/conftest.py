@@ -122,7 +122,7 @@ def settings(database_url: str, services: Endpoints, namespace: str) -> Settings
 
 @pytest.fixture
 async def ports(settings: Settings) -> AsyncIterator[Ports]:
-    async with open_ports(settings) as opened:
+    async with open_ports(settings, listen=True) as opened:
         await opened.queue.ensure_group()
         yield opened
 

@@ -99,7 +99,7 @@ async def pooled_ports(
 ) -> AsyncIterator[Ports]:
     """The test's own client of the service's ports, through the same pooler."""
     through = replace(settings, database_url=bouncer.url, database_pooler=pooler)
-    async with open_ports(through) as opened:
+    async with open_ports(through, listen=True) as opened:
         await opened.queue.ensure_group()
         yield opened
 

@@ -58,7 +58,10 @@ async def test_readyz_follows_postgres_while_healthz_stays_200(
     """Without Postgres /readyz is 503 (and 200 once it is back) while /healthz stays 200."""
     async with tcp_proxy(settings.database_url or "") as proxy:
         through = replace(settings, database_url=proxy.url)
-        async with open_ports(through) as ports, serving(through, ports, Role.ALL) as api:
+        async with (
+            open_ports(through, listen=True) as ports,
+            serving(through, ports, Role.ALL) as api,
+        ):
             await api.http.post("/api/batches", json=body(files(1), batch_id="kept"))
             await wait_for(lambda: _status(api.http, "/api/batches/kept/summary", 200))
             assert (await api.http.get("/readyz")).status_code == 200
@@ -93,7 +96,10 @@ async def test_healthz_stays_200_while_sweeps_fail_during_an_outage(
     """A sweeper failing on an unreachable Postgres must not turn /healthz to 503."""
     async with tcp_proxy(settings.database_url or "") as proxy:
         through = replace(settings, database_url=proxy.url, sweep_interval_s=0.05)
-        async with open_ports(through) as ports, serving(through, ports, Role.SWEEPER) as api:
+        async with (
+            open_ports(through, listen=True) as ports,
+            serving(through, ports, Role.SWEEPER) as api,
+        ):
             await proxy.stop()
             await wait_for(lambda: _status(api.http, "/readyz", 503), what="readyz 503")
             seen = await _every_probe(api.http, "/healthz")

@@ -188,7 +188,7 @@ async def test_without_listen_both_streams_fall_back_to_polling(settings: Settin
     """Ports opened without LISTEN (as behind PgBouncer in transaction mode): nothing
     wakes the streams, which still send progress and `finalized` by re-reading.
     """
-    async with open_ports(settings, listen=False) as ports:
+    async with open_ports(settings) as ports:
         assert not ports.notifications.live
         batch = await submit(ports, files(1))
         async with (

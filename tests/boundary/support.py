@@ -194,6 +194,6 @@ async def consumers(url: str, namespace: str) -> list[str]:
 @asynccontextmanager
 async def ports_on(settings: Settings, redis_url: str) -> AsyncIterator[Ports]:
     """The service's ports for this test's database and another Redis."""
-    async with open_ports(replace(settings, redis_url=redis_url)) as ports:
+    async with open_ports(replace(settings, redis_url=redis_url), listen=True) as ports:
         await ports.queue.ensure_group()
         yield ports

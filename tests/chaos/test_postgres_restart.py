@@ -105,7 +105,7 @@ async def test_postgres_restarted_mid_run_loses_nothing(
     through = replace(settings, database_url=proxy.url)
     fleet.env = with_env(fleet.env, RECONCILER_DATABASE_URL=proxy.url)
     half = SIZE.batches // 2
-    async with open_ports(through) as ports:
+    async with open_ports(through, listen=True) as ports:
         await ports.queue.ensure_group()
         for index in range(REPLICAS):
             await started(fleet.start(index))

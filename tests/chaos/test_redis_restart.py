@@ -97,7 +97,7 @@ async def test_redis_restarted_empty_mid_run_loses_nothing(
     through = replace(settings, redis_url=redis_server.url)
     fleet.env = with_env(fleet.env, RECONCILER_REDIS_URL=redis_server.url)
     half = SIZE.batches // 2
-    async with open_ports(through) as ports:
+    async with open_ports(through, listen=True) as ports:
         await ports.queue.ensure_group()
         for index in range(REPLICAS):
             await started(fleet.start(index))
@@ -121,7 +121,7 @@ async def test_redis_restarted_empty_between_files_requeues_from_postgres(
     recreate the stream and group, the sweeper re-enqueues every file, all finalize."""
     through = replace(settings, redis_url=redis_server.url)
     fleet.env = with_env(fleet.env, RECONCILER_REDIS_URL=redis_server.url)
-    async with open_ports(through) as ports:
+    async with open_ports(through, listen=True) as ports:
         await _submit(ports, "queued", SIZE.batches)
     restarted_at = await _restart_empty(redis_server)
     for index in range(REPLICAS):

@@ -37,7 +37,7 @@ async def test_unreachable_local_services_mean_embedded_ones(
         assert found.source == "embedded" and len(found.pids) == 2
         assert all(_alive(pid) for pid in found.pids)
         embedded = replace(settings, database_url=found.database_url, redis_url=found.redis_url)
-        async with open_ports(embedded) as ports:
+        async with open_ports(embedded, listen=True) as ports:
             await migrations.migrate(ports.db)
             await ports.queue.ensure_group()
             submitted = await submit(ports, files(3))

@@ -92,7 +92,7 @@ async def test_without_listen_wait_falls_back_to_polling(settings: Settings) -> 
     """Ports opened without LISTEN (as through PgBouncer in transaction mode): no
     listening connection, and wait still returns, by polling.
     """
-    async with open_ports(settings, listen=False) as ports:
+    async with open_ports(settings) as ports:
         assert not ports.notifications.live
         client = Client(settings, ports)
         assert await one_wait(ports, client) < WAIT_BOUND_S  # its poll is 0.1 s
