@@ -17,6 +17,11 @@ async def _summary_ready(http: httpx.AsyncClient, batch_id: str) -> httpx.Respon
     return response if response.status_code == 200 else None
 
 
+async def _finalized(http: httpx.AsyncClient, batch_id: str) -> bool:
+    response = await http.get(f"/api/batches/{batch_id}")
+    return response.status_code == 200 and response.json()["status"] != "processing"
+
+
 async def _summaries(settings: Settings) -> int:
     rows = await sql(settings.database_url or "", "SELECT count(*) FROM run_summaries")
     return int(rows[0][0])
@@ -28,6 +33,9 @@ async def test_summary_of_a_processed_batch_is_200(settings: Settings, ports: Po
     request["files"][2]["payload"] = {"fail_attempts": 9, "error": "bad file"}
     async with serving(settings, ports, Role.ALL) as api:
         assert (await api.http.post("/api/batches", json=request)).status_code == 201
+        # Polling /summary itself would finalize on demand once the last file is done,
+        # racing the event path; the progress endpoint only reads.
+        await wait_for(lambda: _finalized(api.http, "s1"), what="s1 finalized")
         ready = await wait_for(lambda: _summary_ready(api.http, "s1"), what="summary 200")
     summary = ready.json()
     assert (summary["status"], summary["finalized_by"]) == ("completed_with_errors", "event")
