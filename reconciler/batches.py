@@ -239,7 +239,9 @@ async def page(
     before: dt.datetime | None,
     limit: int,
 ) -> list[dict[str, Any]]:
-    rows = await db.fetch("list_batches", status, stuck_only, grace_s, before, limit)
+    # No run id or id prefix filter; (before, '') as the keyset: created before `before`.
+    filters = (status, stuck_only, grace_s, None, None)
+    rows = await db.fetch("list_batches", *filters, before, "", limit)
     return [jsonable(r) for r in rows]
 
 

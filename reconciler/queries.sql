@@ -224,21 +224,6 @@ SELECT s.batch_id, s.run_id, s.status, s.total_files, s.files_pending, s.files_p
 FROM batch_status_summary s JOIN batches b USING (batch_id)
 WHERE s.batch_id = $1;
 
--- name: list_batches
--- A page of batches, newest first; $1 status filter, $2 stuck-only, $3 grace, $4 cursor.
-SELECT s.batch_id, s.run_id, s.status, s.total_files, s.files_pending, s.files_processing,
-       s.files_success AS files_succeeded, s.files_failed, s.created_at,
-       s.last_file_completed_at, s.completed_at, s.finalized_by
-FROM batch_status_summary s
-WHERE ($1::text IS NULL OR s.status = $1)
-  AND (NOT $2::boolean OR (s.status = 'processing'
-       AND s.files_success + s.files_failed = s.total_files
-       AND coalesce(s.last_file_completed_at, s.created_at)
-           < now() - make_interval(secs => $3::double precision)))
-  AND ($4::timestamptz IS NULL OR s.created_at < $4)
-ORDER BY s.created_at DESC
-LIMIT $5;
-
 -- name: stuck_batches
 -- The original note's stuck-batch query: every file terminal, batch not finalized,
 -- last completion older than the grace period.
@@ -600,9 +585,10 @@ WHERE type = 'batch.finalized'
 ORDER BY txid, event_id
 LIMIT $3;
 
--- name: console_batches
--- The web console's page of batches, newest first, by keyset on (created_at, batch_id)
--- so batches created in the same instant are neither skipped nor repeated: $1 status,
+-- name: list_batches
+-- A page of batches (the API's list and the web console's), newest first, by keyset on
+-- (created_at, batch_id) so batches created in the same instant are neither skipped
+-- nor repeated (the API's `before` cursor passes '' as $7: created before $6): $1 status,
 -- $2 stuck only, $3 stuck grace seconds, $4 run id, $5 a LIKE pattern `prefix%` of the
 -- batch id (each null for any), $6 and $7 the last row shown (null for the first
 -- page), $8 the page size. Indexes: schema/0008_console_indexes.sql.

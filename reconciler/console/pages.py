@@ -62,7 +62,7 @@ async def batch_page(
     """A page of batches, newest first, and the cursor of the next page, if any."""
     pattern = None if which.prefix is None else like_prefix(which.prefix)
     filters = (which.status, which.stuck, grace_s, which.run_id, pattern)
-    rows = await db.fetch("console_batches", *filters, *parse_cursor(after), PAGE_SIZE)
+    rows = await db.fetch("list_batches", *filters, *parse_cursor(after), PAGE_SIZE)
     items = [batches.jsonable(r) for r in rows]
     return items, cursor_of(items[-1]) if len(items) == PAGE_SIZE else None
 

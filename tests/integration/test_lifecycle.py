@@ -85,7 +85,8 @@ async def test_many_batches_each_finalized_exactly_once(settings: Settings, port
     async with running(settings, ports, Role.WORKER):
         for batch_id in ids:
             await wait_for(partial(summary_of, ports, batch_id), what=batch_id)
-    counts = await ports.db.fetch("list_batches", "completed", False, 0.0, None, 100)
+    no_filter = (None, None, None, None)  # run id, id prefix, keyset
+    counts = await ports.db.fetch("list_batches", "completed", False, 0.0, *no_filter, 100)
     assert len(counts) == 40
     assert all(row["files_succeeded"] == 10 for row in counts)
     await anyio.lowlevel.checkpoint()
