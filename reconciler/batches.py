@@ -122,8 +122,9 @@ class NewBatch:
         )
 
     def file_rows(self, *, enqueued: bool) -> Iterator[tuple[Any, ...]]:
-        """The parameters of `insert_files`, one chunk of files at a time."""
-        for chunk in _chunks(self.files):
+        """The parameters of `insert_files`, one chunk of files at a time (one, empty, when
+        there are no files)."""
+        for chunk in _chunks(self.files) if self.files else [self.files]:
             yield (
                 self.batch_id,
                 [f.file_id for f in chunk],
@@ -175,16 +176,28 @@ async def submit(
 ) -> Submitted:
     """Creates the batch and enqueues its files; same id and files again is a no-op."""
     new = prepare(files, batch_id=batch_id, run_id=run_id, metadata=metadata, deadline_s=deadline_s)
-    async with db.transaction() as tx:
-        if await tx.fetchval("insert_batch", *new.batch_row()) is None:
-            return new.existing(await tx.fetchval("batch_digest", new.batch_id))
-        for row in new.file_rows(enqueued=True):
-            await tx.execute("insert_files", *row)
+    if not await _write(db, new):
+        return new.existing(await db.fetchval("batch_digest", new.batch_id))
     await _enqueue(queue, new)
     log.info("batch_submitted", batch_id=new.batch_id, total_files=len(files))
     if not files:
         await finalize(db, new.batch_id, Trigger.EVENT)
     return Submitted(new.batch_id, True, len(files))
+
+
+async def _write(db: Database, new: NewBatch) -> bool:
+    """Writes the batch and its files, atomically; False when its id was taken."""
+    first, *rest = new.file_rows(enqueued=True)
+    if not rest:  # one statement, one round trip: the common case
+        return (
+            await db.fetchval("insert_batch_with_files", *new.batch_row(), *first[1:]) is not None
+        )
+    async with db.transaction() as tx:
+        if await tx.fetchval("insert_batch_with_files", *new.batch_row(), *first[1:]) is None:
+            return False
+        for row in rest:
+            await tx.execute("insert_files", *row)
+    return True
 
 
 async def _enqueue(queue: JobQueue, new: NewBatch) -> None:

@@ -2,12 +2,15 @@
 -- "-- name: <query_name>" and takes positional parameters only ($1, $2, ...).
 
 -- name: insert_batch
+-- Creates batch $1 (run $2, metadata $3, digest $4, $5 files, deadline $6 s from now);
+-- returns its id, or no row when the id is taken.
 INSERT INTO batches (batch_id, run_id, metadata, files_digest, total_files, deadline_at)
 VALUES ($1, $2, $3, $4, $5, now() + make_interval(secs => $6::double precision))
 ON CONFLICT (batch_id) DO NOTHING
 RETURNING batch_id;
 
 -- name: batch_digest
+-- The files digest of batch $1, to tell a resubmission from a conflict.
 SELECT files_digest FROM batches WHERE batch_id = $1;
 
 -- name: insert_files
@@ -19,6 +22,24 @@ SELECT files_digest FROM batches WHERE batch_id = $1;
 INSERT INTO batch_files (batch_id, file_id, uri, payload, enqueued_at)
 SELECT $1, f.file_id, f.uri, f.payload::json, CASE WHEN $5::boolean THEN now() END
 FROM unnest($2::text[], $3::text[], $4::text[]) AS f (file_id, uri, payload);
+
+-- name: insert_batch_with_files
+-- `insert_batch` and `insert_files` in one statement (one round trip, atomic on its own):
+-- $1-$6 as insert_batch, $7-$10 as insert_files' $2-$5. Returns the new batch's id, or
+-- no row (and no files written) when the id is taken. The files' foreign key is checked
+-- at the end of the statement, when the batch row is there.
+WITH batch AS (
+    INSERT INTO batches (batch_id, run_id, metadata, files_digest, total_files, deadline_at)
+    VALUES ($1, $2, $3, $4, $5, now() + make_interval(secs => $6::double precision))
+    ON CONFLICT (batch_id) DO NOTHING
+    RETURNING batch_id
+), files AS (
+    INSERT INTO batch_files (batch_id, file_id, uri, payload, enqueued_at)
+    SELECT b.batch_id, f.file_id, f.uri, f.payload::json,
+           CASE WHEN $10::boolean THEN now() END
+    FROM batch b, unnest($7::text[], $8::text[], $9::text[]) AS f (file_id, uri, payload)
+)
+SELECT batch_id FROM batch;
 
 -- name: batch_total_files
 -- Batch $1's number of files, or no row if there is no such (committed) batch.
