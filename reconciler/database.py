@@ -77,8 +77,8 @@ async def _init_session(conn: asyncpg.Connection) -> None:
     # key. With disk-era page costs Postgres picks full scans that grow with the table;
     # with cached-page costs it uses the index. Plans are cached (plan_cache_mode is
     # left at its default, auto): a generic plan reads an unnest() as a few rows, so it
-    # joins by the primary key too, and planning finalize_batch and record_outcomes
-    # anew on every execution cost about a quarter of Postgres's CPU per file.
+    # joins by the primary key too, and planning reconciler_finalize's statements and
+    # record_outcomes anew on every execution cost about a quarter of Postgres's CPU per file.
     await conn.execute(QUERIES["session_settings"])
     await _init_connection(conn)
 

@@ -1,7 +1,10 @@
 """Where a batch is finalized: one level-based function of the database state.
 
-`finalize` re-reads the batch under a transaction-level advisory lock and decides; the
-trigger that woke it (event, sweep, demand, deadline) is only a label. The finalizer
+`finalize` re-reads the batch under a transaction-level advisory lock and decides, in
+one round trip: the decision is the SQL function `reconciler_finalize`
+(schema/0009_finalize_function.sql), which takes the lock, reads the batch under it and
+writes the summary, the event and its deliveries. The trigger that woke it (event,
+sweep, demand, deadline) is only a label. The finalizer
 actor, the sweeper, the HTTP API and submission all call it. An operator's cancel
 (`finalize_now`) goes through the same decision, inside the caller's transaction.
 """
@@ -52,13 +55,15 @@ class FinalizeResult:
 
 async def finalize(db: Database, batch_id: str, trigger: str) -> FinalizeResult:
     """Finalizes the batch if, and only if, the database says it is done."""
-    log.info("finalization_called", batch_id=batch_id, trigger=trigger)
+    log.debug("finalization_called", batch_id=batch_id, trigger=trigger)
     try:
-        async with db.transaction() as tx:
-            result = await _decide(tx, batch_id, trigger)
+        row = await db.fetchrow(
+            "finalize", batch_id, trigger, reasons.TIMED_OUT, None, MAX_ERROR_GROUPS
+        )
     except RetryableError:
         metrics.FINALIZATIONS.labels(trigger, "error").inc()
         raise
+    result = _result(row, batch_id, trigger)
     observe(result)
     return result
 
@@ -68,48 +73,29 @@ async def finalize_now(tx: Session, batch_id: str) -> FinalizeResult:
     fails its unfinished files as cancelled and finalizes it. Call `observe` after commit.
     """
     await tx.fetchval("lock_batch", batch_id)
-    return await _decide(tx, batch_id, Trigger.OPERATOR)
+    trigger = Trigger.OPERATOR
+    row = await tx.fetchrow(
+        "finalize", batch_id, trigger, reasons.TIMED_OUT, reasons.CANCELLED, MAX_ERROR_GROUPS
+    )
+    return _result(row, batch_id, trigger)
 
 
-async def _decide(tx: Session, batch_id: str, trigger: str) -> FinalizeResult:
-    if not await tx.fetchval("try_lock_batch", batch_id):
-        return FinalizeResult(Outcome.BUSY, batch_id, trigger)
-    batch = await tx.fetchrow("batch_for_update", batch_id)
-    if batch is None:
-        return FinalizeResult(Outcome.NOT_FOUND, batch_id, trigger)
-    if batch["status"] != "processing":
-        return FinalizeResult(Outcome.ALREADY_FINALIZED, batch_id, trigger, batch["status"])
-    failed = batch["files_failed"]
-    remaining = batch["total_files"] - batch["files_succeeded"] - failed
-    fail_reason = _fail_reason(batch, trigger)
-    if remaining and fail_reason:
-        row = await tx.fetchrow("fail_remaining_files", batch_id, fail_reason)
-        failed, remaining = row["files_failed"] if row else failed, 0
-    log.info(
-        "finalization_conditions_checked",
-        batch_id=batch_id, trigger=trigger, total_files=batch["total_files"],
-        files_succeeded=batch["files_succeeded"], files_failed=failed, files_remaining=remaining,
-    )  # fmt: skip
-    if remaining:
-        return FinalizeResult(Outcome.NOT_READY, batch_id, trigger)
-    status = "completed_with_errors" if failed else "completed"
-    return await _write(tx, batch, status, trigger)
-
-
-def _fail_reason(batch: Row, trigger: str) -> str | None:
-    """Why unfinished files fail now, if they do: a cancel, or the deadline passed."""
-    if trigger == Trigger.OPERATOR:
-        return reasons.CANCELLED
-    return reasons.TIMED_OUT if batch["deadline_passed"] else None
-
-
-async def _write(tx: Session, batch: Row, status: str, trigger: str) -> FinalizeResult:
-    batch_id = batch["batch_id"]
-    log.info("aggregation_started", batch_id=batch_id, trigger=trigger)
-    row = await tx.fetchrow("finalize_batch", batch_id, status, trigger, MAX_ERROR_GROUPS)
+def _result(row: Row | None, batch_id: str, trigger: str) -> FinalizeResult:
+    """What `reconciler_finalize` decided, logged as the steps it took under the lock."""
+    outcome = Outcome(row["outcome"]) if row is not None else Outcome.NOT_FOUND
+    if row is not None and outcome in (Outcome.NOT_READY, Outcome.FINALIZED):
+        log.info(
+            "finalization_conditions_checked",
+            batch_id=batch_id, trigger=trigger, total_files=row["total_files"],
+            files_succeeded=row["files_succeeded"], files_failed=row["files_failed"],
+            files_remaining=row["files_remaining"],
+        )  # fmt: skip
+    if row is None or outcome is not Outcome.FINALIZED:
+        status = row["status"] if row is not None else None
+        return FinalizeResult(outcome, batch_id, trigger, status)
     log.info("aggregation_finished", batch_id=batch_id, trigger=trigger)
-    latency_s = float(row["latency_s"]) if row is not None else 0.0
-    return FinalizeResult(Outcome.FINALIZED, batch_id, trigger, status, latency_s)
+    latency_s = float(row["latency_s"] or 0.0)
+    return FinalizeResult(outcome, batch_id, trigger, row["status"], latency_s)
 
 
 def observe(result: FinalizeResult) -> None:

@@ -1,6 +1,6 @@
 """Wake-ups from Postgres: one LISTENing connection per process, fanned out to watchers.
 
-`record_outcomes` and `finalize_batch` NOTIFY at commit. A notification only says
+`record_outcomes` and `reconciler_finalize` NOTIFY at commit. A notification only says
 "look again": every watcher re-reads the database after waking (and on its own slow
 timer), so one missed across a reconnect costs nothing but the re-read that every
 reconnect forces. Without LISTEN (PgBouncer in transaction mode) nothing ever wakes a
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import enum
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any, Final
 
@@ -37,18 +37,24 @@ ALL_KINDS: Final = tuple(Kind)
 CHANNELS: Final = {f"reconciler_{kind}": kind for kind in Kind}
 
 
+Accept = Callable[[dict[str, Any]], bool]
+
+
 class Watch:
     """One waiter's wake-up flag; with `collect`, what the notifications said too: the
     latest progress per batch, and the finalized events announced since the last take.
     """
 
-    def __init__(self, collect: bool = False) -> None:
+    def __init__(self, collect: bool = False, accept: Accept | None = None) -> None:
         self._woken = anyio.Event()
         self._collect = collect
+        self._accept = accept
         self.progress: dict[str, dict[str, Any]] = {}
         self.finalized: set[str] = set()
 
     def wake(self, kind: Kind | None = None, payload: dict[str, Any] | None = None) -> None:
+        if payload is not None and self._accept is not None and not self._accept(payload):
+            return
         if self._collect and payload is not None:
             if kind is Kind.PROGRESS:
                 self.progress[str(payload.get("batch_id"))] = payload
@@ -100,9 +106,14 @@ class Notifications:
         batch_id: str | None = None,
         kinds: tuple[Kind, ...] = ALL_KINDS,
         collect: bool = False,
+        accept: Accept | None = None,
     ) -> Iterator[Watch]:
-        """A watch on one batch (or every batch): enter it before reading the state."""
-        watch = Watch(collect)
+        """A watch on one batch (or every batch): enter it before reading the state.
+
+        With `accept`, a notification whose payload it refuses does not wake the watch
+        (an unreadable one, or a reconnect, always does).
+        """
+        watch = Watch(collect, accept)
         keys = [(kind, batch_id) for kind in kinds]
         for key in keys:
             self._watches.setdefault(key, set()).add(watch)

@@ -129,106 +129,19 @@ UPDATE batch_files
 SET lease_expires_at = now() + make_interval(secs => $2::double precision)
 WHERE status = 'processing' AND worker = $1;
 
--- name: try_lock_batch
--- Takes batch $1's advisory lock if free, held to commit: one finalizer at a time.
-SELECT pg_try_advisory_xact_lock(hashtextextended('reconciler.batch:' || $1, 0));
-
 -- name: batch_for_update
+-- Batch $1, its row locked to commit (an operator's retry reads the parent this way).
 SELECT batch_id, run_id, status, total_files, files_succeeded, files_failed,
        deadline_at, deadline_at IS NOT NULL AND deadline_at <= now() AS deadline_passed,
        created_at, last_file_completed_at, metadata
 FROM batches WHERE batch_id = $1 FOR UPDATE;
 
--- name: fail_remaining_files
--- Fails every unfinished file of batch $1 with reason $2 (deadline, cancel); moves counts.
-WITH failed AS (
-    UPDATE batch_files
-    SET status = 'failed', error = $2, finished_at = now(), lease_expires_at = NULL,
-        worker = NULL
-    WHERE batch_id = $1 AND status IN ('pending', 'processing')
-    RETURNING 1
-)
-UPDATE batches
-SET files_failed = files_failed + (SELECT count(*) FROM failed),
-    last_file_completed_at = CASE WHEN (SELECT count(*) FROM failed) > 0 THEN now()
-                                  ELSE last_file_completed_at END
-WHERE batch_id = $1
-RETURNING files_failed, last_file_completed_at;
-
--- name: finalize_batch
--- Marks the batch finalized and writes, in one statement, its run summary (counts,
--- timings, errors grouped by message, the handlers' numeric results summed) and its
--- `batch.finalized` event with the summary as data, fanned out to one delivery row per
--- enabled webhook subscribed to it and to the registered Python hook: no event without
--- its finalization, no finalization without its event. Notifies `reconciler_finalized`
--- with the batch and event ids, which wakes waiters, streams and the delivery actor.
--- $1 batch, $2 status, $3 trigger, $4 how many error groups to keep.
-WITH marked AS (
-    UPDATE batches
-    SET status = $2, completed_at = clock_timestamp(), finalized_by = $3
-    WHERE batch_id = $1 AND status = 'processing'
-    RETURNING *
-), timings AS (
-    SELECT min(started_at) AS first_file_started_at,
-           jsonb_build_object(
-               'count', count(duration_s),
-               'sum', coalesce(sum(duration_s), 0),
-               'mean', avg(duration_s),
-               'p50', percentile_cont(0.5) WITHIN GROUP (ORDER BY duration_s),
-               'p95', percentile_cont(0.95) WITHIN GROUP (ORDER BY duration_s),
-               'max', max(duration_s)
-           ) AS processing_seconds
-    FROM batch_files WHERE batch_id = $1
-), errors AS (
-    SELECT coalesce(jsonb_agg(jsonb_build_object('message', error, 'count', n)
-                              ORDER BY n DESC, error), '[]'::jsonb) AS errors
-    FROM (
-        SELECT error, count(*) AS n FROM batch_files
-        WHERE batch_id = $1 AND status = 'failed'
-        GROUP BY error ORDER BY n DESC, error LIMIT $4
-    ) e
-), totals AS (
-    SELECT coalesce(jsonb_object_agg(key, total), '{}'::jsonb) AS totals
-    FROM (
-        SELECT r.key, sum((r.value)::text::numeric) AS total
-        FROM batch_files f, jsonb_each(f.result) r
-        WHERE f.batch_id = $1 AND f.status = 'succeeded'
-          AND jsonb_typeof(f.result) = 'object' AND jsonb_typeof(r.value) = 'number'
-        GROUP BY r.key
-    ) t
-), summary AS (
-    INSERT INTO run_summaries (
-        batch_id, run_id, status, finalized_by, total_files, files_succeeded, files_failed,
-        created_at, first_file_started_at, last_file_completed_at, completed_at,
-        processing_seconds, errors, totals, metadata)
-    SELECT m.batch_id, m.run_id, m.status, m.finalized_by, m.total_files, m.files_succeeded,
-           m.files_failed, m.created_at, t.first_file_started_at, m.last_file_completed_at,
-           m.completed_at, t.processing_seconds, e.errors, tt.totals, m.metadata
-    FROM marked m, timings t, errors e, totals tt
-    ON CONFLICT (batch_id) DO NOTHING
-    RETURNING *
-), event AS (
-    INSERT INTO events (event_id, batch_id, type, data, created_at)
-    SELECT 'evt_' || replace(gen_random_uuid()::text, '-', ''), s.batch_id, 'batch.finalized',
-           to_jsonb(s), s.completed_at
-    FROM summary s
-    RETURNING event_id, created_at
-), fanout AS (
-    INSERT INTO deliveries (event_id, sink, webhook_id, next_attempt_at, finalized_at)
-    SELECT e.event_id, 'webhook', w.webhook_id, e.created_at, e.created_at
-    FROM event e
-    JOIN webhooks w ON w.disabled_at IS NULL AND 'batch.finalized' = ANY (w.events)
-    UNION ALL
-    SELECT e.event_id, 'hook', NULL, e.created_at, e.created_at
-    FROM event e, hook_registrations h
-)
--- NOTIFY is sent at commit, so the event is in the outbox when listeners wake.
-SELECT s.completed_at,
-       extract(epoch FROM s.completed_at - coalesce(s.last_file_completed_at, s.created_at))
-           AS latency_s,
-       pg_notify('reconciler_finalized', json_build_object(
-           'batch_id', s.batch_id, 'event_id', e.event_id)::text) AS notified
-FROM summary s, event e;
+-- name: finalize
+-- Finalizes batch $1 if the database says it is done (schema/0009_finalize_function.sql):
+-- $2 trigger, $3 the reason past-deadline files fail with, $4 the reason unfinished
+-- files fail with now (an operator's cancel) or null, $5 how many error groups to keep.
+SELECT outcome, status, total_files, files_succeeded, files_failed, files_remaining, latency_s
+FROM reconciler_finalize($1, $2, $3, $4, $5);
 
 -- name: get_summary
 SELECT batch_id, run_id, status, finalized_by, total_files, files_succeeded, files_failed,

@@ -12,7 +12,7 @@ import os
 import secrets
 import socket
 from functools import partial
-from typing import Final
+from typing import Any, Final
 
 import anyio
 import structlog
@@ -62,7 +62,9 @@ class Deliverer:
         async with http_client(self._settings.delivery_timeout_s) as http:
             sender = WebhookSender(http, self._settings.delivery_timeout_s)
             # Watching before the first claim: a finalization from then on wakes us.
-            with self._notifications.watch(kinds=(Kind.FINALIZED,)) as self._wakeup:
+            # Only a finalization that fanned out to a sink can have made something due.
+            due = self._notifications.watch(kinds=(Kind.FINALIZED,), accept=_fanned_out)
+            with due as self._wakeup:
                 async with anyio.create_task_group() as tg:
                     while True:
                         if not await self._start_due(tg, sender):
@@ -118,3 +120,8 @@ class Deliverer:
         if self._hook is None:  # claimed only with a hook: a registration changed under us
             return Attempt(False, 0.0, error="RECONCILER_ON_FINALIZED is not set here")
         return await self._hook.call(claimed)
+
+
+def _fanned_out(payload: dict[str, Any]) -> bool:
+    """Whether a `batch.finalized` notification created deliveries (older ones say nothing)."""
+    return bool(payload.get("deliveries", 1) != 0)

@@ -47,8 +47,8 @@ PAYLOAD: Final = {"min_s": 0.02, "max_s": 0.05, "fail_rate": 0.05}
 BLOCKED_FINALIZE: Final = """
 SELECT pid FROM pg_stat_activity
 WHERE datname = current_database() AND pid <> pg_backend_pid() AND pid <> $1
-  AND wait_event = 'transactionid' AND query LIKE '%finalized_by = $3%'
-"""  # the finalize_batch statement (pg_stat_activity keeps only its first 1 kB)
+  AND wait_event = 'transactionid' AND query LIKE '%reconciler_finalize(%'
+"""  # the finalize statement: its summary INSERT waits on the held summary row
 
 
 @pytest.fixture

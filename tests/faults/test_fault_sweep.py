@@ -33,10 +33,6 @@ ACTOR_METHODS: Final = frozenset(
         "Database.fetch",
         "Database.fetchrow",
         "Database.execute",
-        "Database.transaction",
-        "Session.fetchval",
-        "Session.fetchrow",
-        "Session.execute",
         "JobQueue.ensure_group",
         "JobQueue.enqueue",
         "JobQueue.read",
@@ -58,6 +54,11 @@ REPAIR_METHODS: Final = {
 OFF_PATH_METHODS: Final = {
     "Database.fetchval": "only the API and Client.enqueue read single values outside a session",
     "Database.session": "only the readiness probe opens a bare session (migrations.pending)",
+    "Database.transaction": "finalizing and submitting are one statement each; only operator"
+    " actions, submissions past 2,000 files and migrations open a transaction",
+    "Session.fetchval": "only an operator's cancel and retry run statements in a transaction",
+    "Session.fetchrow": "only an operator's cancel and retry run statements in a transaction",
+    "Session.execute": "only operator actions, large submissions and migrations write in one",
     "Session.fetch": "only migrations read rows through a session",
     "Session.execute_script": "only migrations run DDL scripts",
     "JobQueue.ping": "only the readiness probe pings Redis; the scenario sends no requests",
