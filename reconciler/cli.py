@@ -6,6 +6,7 @@ Exit codes: 0 success, 1 operational failure, 2 usage or configuration error.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import signal
 import sys
@@ -43,6 +44,7 @@ log = structlog.get_logger("reconciler.cli")
 EXIT_OK: Final = 0
 EXIT_FAILURE: Final = 1
 EXIT_USAGE: Final = 2
+GC_YOUNG_THRESHOLD: Final = 10_000
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -167,12 +169,25 @@ async def _migrate(_: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _run(args: argparse.Namespace, settings: Settings) -> int:
+    _tune_gc()
     stop = anyio.Event()
     async with anyio.create_task_group() as tg:
         tg.start_soon(_watch_signals, stop, tg.cancel_scope)
         await run_service(settings, Role(args.role), stop)
         tg.cancel_scope.cancel()
     return EXIT_OK
+
+
+def _tune_gc() -> None:
+    """Fewer collections for a long-running service: what start-up made stays out of them,
+    and the youngest generation is collected every GC_YOUNG_THRESHOLD allocations rather
+    than 700. The hot path allocates many short-lived objects and few cycles; with the
+    default, collecting took about 5 % of the service's CPU (py-spy, `bench throughput`).
+    """
+    gc.collect()
+    gc.freeze()
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)
 
 
 async def _watch_signals(stop: anyio.Event, scope: anyio.CancelScope) -> None:
