@@ -56,13 +56,17 @@ class Ports:
 
 
 @asynccontextmanager
-async def open_ports(settings: Settings, *, listen: bool = False) -> AsyncIterator[Ports]:
+async def open_ports(
+    settings: Settings, *, listen: bool = False, on_demand: bool = False
+) -> AsyncIterator[Ports]:
     """Connects to Postgres and Redis; closes them all on exit.
 
     `listen=True` (the service, `Client`) also LISTENs on a connection of its own, so
     waiters, streams and the delivery actor are woken at once; without it, or with
     `RECONCILER_DATABASE_POOLER=transaction` (LISTEN cannot work through PgBouncer in
-    transaction mode), they poll. One-shot commands need no listener.
+    transaction mode), they poll. One-shot commands need no listener. `on_demand=True`
+    (`Client`) opens that connection at the first wait rather than at once, so a client
+    that only submits is not sent every notification.
     """
     if not settings.database_url:
         raise ConfigError("RECONCILER_DATABASE_URL: not set")
@@ -73,7 +77,7 @@ async def open_ports(settings: Settings, *, listen: bool = False) -> AsyncIterat
     )
     queue = JobQueue.connect(settings.redis_url, settings.namespace)
     listen = listen and settings.database_pooler != "transaction"
-    notifications = Notifications(settings.database_url if listen else None)
+    notifications = Notifications(settings.database_url if listen else None, on_demand=on_demand)
     try:
         async with notifications.running():
             yield Ports(db, queue, notifications)

@@ -54,7 +54,7 @@ class Client:
     @classmethod
     @asynccontextmanager
     async def open(cls, settings: Settings) -> AsyncIterator[Client]:
-        async with open_ports(settings, listen=True) as ports:
+        async with open_ports(settings, listen=True, on_demand=True) as ports:
             yield cls(settings, ports)
 
     async def submit(

@@ -82,8 +82,10 @@ Key = tuple[Kind, str | None]
 class Notifications:
     """The process's listener; `url=None` means no LISTEN at all (polling only)."""
 
-    def __init__(self, url: str | None = None) -> None:
+    def __init__(self, url: str | None = None, *, on_demand: bool = False) -> None:
         self._url = url
+        self._on_demand = on_demand  # LISTEN only from the first watch on
+        self._wanted: anyio.Event | None = None
         self._watches: dict[Key, set[Watch]] = {}
         self.backend_pid: int | None = None  # of the listening connection, while up
 
@@ -117,6 +119,8 @@ class Notifications:
         keys = [(kind, batch_id) for kind in kinds]
         for key in keys:
             self._watches.setdefault(key, set()).add(watch)
+        if self._wanted is not None:
+            self._wanted.set()
         try:
             yield watch
         finally:
@@ -132,11 +136,18 @@ class Notifications:
             yield self
             return
         async with anyio.create_task_group() as tg:
-            tg.start_soon(self._listen_forever, self._url)
+            tg.start_soon(self._listen_when_watched, self._url)
             try:
                 yield self
             finally:
                 tg.cancel_scope.cancel()
+
+    async def _listen_when_watched(self, url: str) -> None:
+        """On demand, waits for the first watch; the first LISTEN then wakes it to re-read."""
+        if self._on_demand and not self._watches:
+            self._wanted = anyio.Event()
+            await self._wanted.wait()
+        await self._listen_forever(url)
 
     async def _listen_forever(self, url: str) -> None:
         delay = RECONNECT_DELAY_S
