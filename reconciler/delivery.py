@@ -134,9 +134,15 @@ async def release(db: Database, claimed: Claimed) -> None:
 
 
 async def settle(db: Database, claimed: Claimed, attempt: Attempt, schedule: Schedule) -> Outcome:
-    """Records the attempt and moves the delivery on; one transaction."""
+    """Records the attempt and moves the delivery on: one statement when it was delivered
+    (the common case), one transaction otherwise."""
+    if attempt.delivered:
+        answer = (attempt.status_code, attempt.latency_s, claimed.replica)
+        age = await db.fetchval("delivery_delivered", claimed.delivery_id, claimed.attempt, *answer)
+        _observe(claimed, attempt, Outcome.DELIVERED, None if age is None else float(age))
+        return Outcome.DELIVERED
     async with db.transaction() as tx:
-        outcome, age_s = await _move(tx, claimed, attempt, schedule)
+        outcome = await _move(tx, claimed, attempt, schedule)
         logged = (
             outcome.value,
             attempt.status_code,
@@ -145,26 +151,21 @@ async def settle(db: Database, claimed: Claimed, attempt: Attempt, schedule: Sch
             claimed.replica,
         )
         await tx.execute("log_attempt", claimed.delivery_id, claimed.attempt, *logged)
-    _observe(claimed, attempt, outcome, age_s)
+    _observe(claimed, attempt, outcome, None)
     return outcome
 
 
-async def _move(
-    tx: Session, claimed: Claimed, attempt: Attempt, schedule: Schedule
-) -> tuple[Outcome, float | None]:
-    if attempt.delivered:
-        age_s = await tx.fetchval("delivery_succeeded", claimed.delivery_id)
-        return Outcome.DELIVERED, None if age_s is None else float(age_s)
+async def _move(tx: Session, claimed: Claimed, attempt: Attempt, schedule: Schedule) -> Outcome:
     if attempt.gone and claimed.webhook_id is not None:
         await tx.execute("disable_webhook", claimed.webhook_id)
-        return Outcome.FAILED, None
+        return Outcome.FAILED
     delay_s = schedule.after(attempt, claimed.attempt)
     if claimed.webhook_id is not None and (attempt.throttled or attempt.retry_after_s):
         await tx.execute("pause_webhook", claimed.webhook_id, delay_s)
     state = await tx.fetchval(
         "delivery_failed", claimed.delivery_id, claimed.attempt, delay_s, schedule.max_age_s
     )
-    return (Outcome.DEAD if state == "dead" else Outcome.FAILED), None
+    return Outcome.DEAD if state == "dead" else Outcome.FAILED
 
 
 def _observe(claimed: Claimed, attempt: Attempt, outcome: Outcome, age_s: float | None) -> None:

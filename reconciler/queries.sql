@@ -369,11 +369,20 @@ JOIN events e ON e.event_id = c.event_id
 LEFT JOIN webhooks w ON w.webhook_id = c.webhook_id
 ORDER BY c.finalized_at;
 
--- name: delivery_succeeded
--- Delivery $1 is acknowledged; returns its age (finalization to now) the first time.
-UPDATE deliveries SET state = 'delivered', delivered_at = now(), claimed_by = NULL
-WHERE delivery_id = $1 AND state = 'pending'
-RETURNING extract(epoch FROM now() - finalized_at) AS age_s;
+-- name: delivery_delivered
+-- Delivery $1 is acknowledged by its attempt $2 (HTTP status $3, null for a hook; $4
+-- seconds; replica $5), and that attempt logged, in one statement; returns the
+-- delivery's age (finalization to now) the first time.
+WITH done AS (
+    UPDATE deliveries SET state = 'delivered', delivered_at = now(), claimed_by = NULL
+    WHERE delivery_id = $1 AND state = 'pending'
+    RETURNING extract(epoch FROM now() - finalized_at) AS age_s
+), logged AS (
+    INSERT INTO delivery_attempts (
+        delivery_id, attempt, outcome, status_code, error, latency_s, replica)
+    VALUES ($1, $2, 'delivered', $3, NULL, $4, $5)
+)
+SELECT age_s FROM done;
 
 -- name: delivery_failed
 -- Attempt $2 of delivery $1 failed: due again in $3 seconds, but never later than $4

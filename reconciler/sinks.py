@@ -14,9 +14,9 @@ import time
 from collections.abc import Callable
 from typing import Any, Final, cast
 
+import aiohttp
 import anyio
 import anyio.to_thread
-import httpx
 
 from reconciler import webhooks
 from reconciler.delivery import Attempt, Claimed, Event
@@ -29,12 +29,19 @@ ERROR_EXCERPT_CHARS: Final = 200
 USER_AGENT: Final = "batch-reconciler"
 
 
-def http_client(timeout_s: float) -> httpx.AsyncClient:
-    """The client every webhook attempt goes through: no redirects, no proxy from the env."""
-    return httpx.AsyncClient(
-        follow_redirects=False,
-        timeout=httpx.Timeout(timeout_s),
+def http_client(timeout_s: float) -> aiohttp.ClientSession:
+    """The session every webhook attempt goes through: no proxy from the env, bodies as
+    sent (never decompressed), one deadline per attempt.
+
+    aiohttp rather than httpx here: under the delivery actor's concurrency an httpx POST
+    cost about 3 ms of CPU on the 2-core bench host (anyio cancel scopes, httpcore's pool
+    bookkeeping), an aiohttp POST about 0.3 ms (C HTTP parser), and the delivery actor
+    shares the consumer's event loop.
+    """
+    return aiohttp.ClientSession(
+        timeout=aiohttp.ClientTimeout(total=timeout_s),
         trust_env=False,
+        auto_decompress=False,
         headers={"user-agent": USER_AGENT},
     )
 
@@ -42,7 +49,7 @@ def http_client(timeout_s: float) -> httpx.AsyncClient:
 class WebhookSender:
     """Posts an event to its webhook, signed by the Standard Webhooks scheme."""
 
-    def __init__(self, http: httpx.AsyncClient, timeout_s: float) -> None:
+    def __init__(self, http: aiohttp.ClientSession, timeout_s: float) -> None:
         self._http = http
         self._timeout_s = timeout_s
 
@@ -52,9 +59,9 @@ class WebhookSender:
         try:
             with anyio.fail_after(self._timeout_s):
                 status, retry_after, excerpt = await self._post(url, claimed)
-        except (TimeoutError, httpx.TimeoutException):
+        except TimeoutError:
             return Attempt(False, _since(started), error=f"timed out after {self._timeout_s:g} s")
-        except httpx.HTTPError as exc:
+        except (aiohttp.ClientError, ValueError) as exc:
             # The message may quote the URL, which may carry a token.
             reason = describe(exc).replace(url, "<url>") if url else describe(exc)
             return Attempt(False, _since(started), error=reason[:ERROR_EXCERPT_CHARS])
@@ -63,9 +70,10 @@ class WebhookSender:
     async def _post(self, url: str, claimed: Claimed) -> tuple[int, str | None, bytes]:
         body = claimed.event.body()
         headers = signed_headers(claimed, body, int(time.time()))
-        async with self._http.stream("POST", url, content=body, headers=headers) as response:
+        post = self._http.post(url, data=body, headers=headers, allow_redirects=False)
+        async with post as response:
             excerpt = await _read_capped(response)
-            return response.status_code, response.headers.get("retry-after"), excerpt
+            return response.status, response.headers.get("retry-after"), excerpt
 
 
 def signed_headers(claimed: Claimed, body: bytes, timestamp: int) -> dict[str, str]:
@@ -79,16 +87,17 @@ def signed_headers(claimed: Claimed, body: bytes, timestamp: int) -> dict[str, s
     }
 
 
-async def _read_capped(response: httpx.Response) -> bytes:
+async def _read_capped(response: aiohttp.ClientResponse) -> bytes:
     """At most RESPONSE_CAP_BYTES of the answer, as sent (never decompressed)."""
     chunks: list[bytes] = []
     size = 0
-    async for chunk in response.aiter_raw():
+    while size < RESPONSE_CAP_BYTES:
+        chunk = await response.content.read(RESPONSE_CAP_BYTES - size)
+        if not chunk:
+            break
         chunks.append(chunk)
         size += len(chunk)
-        if size >= RESPONSE_CAP_BYTES:
-            break
-    return b"".join(chunks)[:RESPONSE_CAP_BYTES]
+    return b"".join(chunks)
 
 
 def judge(status: int, retry_after: str | None, excerpt: bytes, latency_s: float) -> Attempt:
