@@ -54,7 +54,9 @@ def files_digest(files: Sequence[FileSpec]) -> str:
     """Identifies a set of files regardless of order, for idempotent resubmission."""
     digest = hashlib.sha256()
     for spec in sorted(files, key=lambda f: f.file_id):
-        line = json.dumps([spec.file_id, spec.uri, spec.payload], sort_keys=True)
+        # json.dumps([file_id, uri, payload], sort_keys=True), built from its parts.
+        payload = "null" if spec.payload is None else json.dumps(spec.payload, sort_keys=True)
+        line = f"[{jobs.quote(spec.file_id)}, {jobs.quote(spec.uri)}, {payload}]"
         digest.update(line.encode())
         digest.update(b"\n")
     return digest.hexdigest()

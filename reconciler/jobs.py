@@ -7,10 +7,16 @@ reason a human can act on, and the consumer dead-letters it.
 from __future__ import annotations
 
 import json
+import json.encoder
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
 from reconciler.errors import MalformedJob
+
+# A string as JSON, exactly as json.dumps writes it (ASCII, escaped): the C function
+# json.dumps itself calls, without building an encoder per call (about 10x cheaper).
+quote: Final[Callable[[str], str]] = json.encoder.encode_basestring_ascii
 
 JOB_FIELD: Final = "job"
 MAX_JOB_BYTES: Final = 1024 * 1024
@@ -35,6 +41,8 @@ class FileJob:
 
 def payload_text(payload: Any) -> str:
     """The payload as the JSON text its job carries and Postgres keeps verbatim."""
+    if payload is None:
+        return "null"
     return json.dumps(payload, separators=(",", ":"))
 
 
@@ -49,10 +57,7 @@ def encode_text(batch_id: str, file_id: str, uri: str, payload: str | None) -> d
     The text is spliced in, never parsed: a parse and dump would turn `1e16` into
     `1e+16`, or a jsonb round trip `1e300` into 301 digits.
     """
-    ids = (batch_id, file_id, uri)
-    head = ",".join(
-        f'"{key}":{json.dumps(value)}' for key, value in zip(_REQUIRED, ids, strict=True)
-    )
+    head = f'"batch_id":{quote(batch_id)},"file_id":{quote(file_id)},"uri":{quote(uri)}'
     return {JOB_FIELD: f'{{{head},"payload":{payload or "null"}}}'}
 
 
@@ -69,7 +74,7 @@ def storable(text: str) -> bool:
 
 def member(batch_id: str, file_id: str) -> str:
     """The file's entry in the set of files that have a job on the stream."""
-    return json.dumps([batch_id, file_id], separators=(",", ":"))
+    return f"[{quote(batch_id)},{quote(file_id)}]"
 
 
 def identify(fields: dict[bytes, bytes]) -> tuple[str, str] | None:

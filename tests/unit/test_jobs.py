@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
 
 from reconciler import jobs
+from reconciler.batches import FileSpec, files_digest
 from reconciler.errors import MalformedJob
 
 
@@ -74,3 +76,39 @@ def test_identify_names_the_file_of_a_malformed_job(
 ) -> None:
     """A malformed job that names its batch and file plainly can still fail that file."""
     assert jobs.identify({b"job": raw}) == ids
+
+
+TRICKY_IDS = [
+    "plain",
+    'quo"te',
+    "back\\slash",
+    "tab\tnew\nline",
+    "\x01\x1f",
+    "é ü 日本",
+    "😀",
+    "</script>",
+]
+
+
+@pytest.mark.parametrize("text", TRICKY_IDS)
+def test_quoted_ids_are_what_json_dumps_writes(text: str) -> None:
+    """Members, job heads and digests are built from quoted parts: byte for byte what
+    json.dumps gave before, so sets, rebuilt jobs and resubmission digests still match."""
+    assert jobs.member(text, "f") == json.dumps([text, "f"], separators=(",", ":"))
+    entry = jobs.encode(text, "f", text, {"k": [1, text]})[jobs.JOB_FIELD]
+    keys = ("batch_id", "file_id", "uri", "payload")
+    before = {"batch_id": text, "file_id": "f", "uri": text, "payload": {"k": [1, text]}}
+    assert entry == json.dumps({k: before[k] for k in keys}, separators=(",", ":"))
+    assert json.loads(entry) == before
+
+
+@pytest.mark.parametrize("payload", [None, {"b": 1, "a": [2, "x"]}, "s", 1.5])
+def test_files_digest_is_unchanged(payload: object) -> None:
+    """The digest of a batch is the one earlier versions computed (resubmission works
+    across an upgrade)."""
+    specs = [FileSpec(text, f"/d/{text}", payload) for text in TRICKY_IDS]
+    digest = hashlib.sha256()
+    for spec in sorted(specs, key=lambda f: f.file_id):
+        digest.update(json.dumps([spec.file_id, spec.uri, spec.payload], sort_keys=True).encode())
+        digest.update(b"\n")
+    assert files_digest(specs) == digest.hexdigest()
