@@ -8,6 +8,7 @@ a fast file costs one row update. Each step is retried on its own and can run tw
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from functools import partial
@@ -71,6 +72,11 @@ class BatchProgress:
 Item = Settle | Started
 
 
+# The consumer's hand-offs (here and in actors/consumer.py) wait on asyncio.Event, not
+# anyio.Event: the service runs on asyncio (uvloop) only, and an anyio.Event costs 3.9 us
+# to make against 0.3 us, about two of them per file.
+
+
 class Written:
     """The attempt Postgres holds for each running file, for a retry to wait on.
 
@@ -80,7 +86,7 @@ class Written:
 
     def __init__(self) -> None:
         self.attempts: dict[str, int] = {}
-        self._changed = anyio.Event()
+        self._changed = asyncio.Event()
 
     def record(self, starts: list[Started]) -> None:
         for start in starts:
@@ -92,7 +98,7 @@ class Written:
 
     def wake(self) -> None:
         self._changed.set()
-        self._changed = anyio.Event()
+        self._changed = asyncio.Event()
 
     async def until(self, member: str, attempt: int, stop: anyio.Event) -> bool:
         """Waits until `attempt` of the file is written; False if the service stops first."""
@@ -115,9 +121,9 @@ class Inbox:
         self._items: list[Item] = []
         self._limit = limit
         self._closed = False
-        self._arrived = anyio.Event()
-        self._full = anyio.Event()
-        self._room = anyio.Event()
+        self._arrived = asyncio.Event()
+        self._full = asyncio.Event()
+        self._room = asyncio.Event()
 
     async def send(self, item: Item) -> None:
         while len(self._items) >= self._limit and not self._closed:
@@ -141,16 +147,16 @@ class Inbox:
         while not self._items:
             if self._closed:
                 return []
-            self._arrived = anyio.Event()
+            self._arrived = asyncio.Event()
             await self._arrived.wait()
         if len(self._items) < self._limit and not self._closed:
             with anyio.move_on_after(wait_s):
                 await self._full.wait()
         group, self._items = self._items[: self._limit], self._items[self._limit :]
         if len(self._items) < self._limit and not self._closed:
-            self._full = anyio.Event()
+            self._full = asyncio.Event()
         self._room.set()
-        self._room = anyio.Event()
+        self._room = asyncio.Event()
         return group
 
 

@@ -83,7 +83,7 @@ class _Dispatch:
 
     def __init__(self) -> None:
         self._items: deque[Work] = deque()
-        self._idle: deque[anyio.Event] = deque()
+        self._idle: deque[asyncio.Event] = deque()
         self._closed = False
 
     def put(self, item: Work) -> None:
@@ -109,7 +109,7 @@ class _Dispatch:
         while not self._items:
             if self._closed:
                 return None
-            woken = anyio.Event()
+            woken = asyncio.Event()
             self._idle.append(woken)
             try:
                 await woken.wait()
@@ -124,7 +124,7 @@ class _Slots:
 
     def __init__(self, count: int) -> None:
         self.free = count
-        self._changed = anyio.Event()
+        self._changed = asyncio.Event()
 
     def release(self, count: int = 1) -> None:
         self.free += count
@@ -135,7 +135,7 @@ class _Slots:
 
     async def take(self, wanted: int, stop: anyio.Event) -> int:
         while self.free == 0 and not stop.is_set():
-            self._changed = anyio.Event()
+            self._changed = asyncio.Event()
             await self._changed.wait()
         if stop.is_set():
             raise Stopping
