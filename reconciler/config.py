@@ -31,7 +31,10 @@ DRAIN_TIMEOUT_S: Final = 25.0
 LOG_FORMAT: Final = "json"
 API_TOKEN_NAME: Final = "api"  # who the audit says acted through the token
 FLUSH_INTERVAL_S: Final = 0.005
-FLUSH_MAX_FILES: Final = 512
+# Outcomes per record_outcomes statement: 512 halved nothing in CPU per file and cost
+# finalize latency (the batch's last outcome waits for the whole group's statement):
+# event p99 63 -> 34 ms at 192, bench throughput --batches 400 --files 50.
+FLUSH_MAX_FILES: Final = 192
 STATS_INTERVAL_S: Final = 5.0
 DELIVERY_BACKOFF_S: Final = 5.0
 DELIVERY_MAX_AGE_S: Final = 259_200.0  # 3 days, as Stripe and Standard Webhooks
