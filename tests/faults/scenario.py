@@ -468,6 +468,11 @@ class Run:
         removable has finished (see `swept_since`): one still listed then was left behind.
         """
         overdue: list[str] = []
+        # When each was first seen with nothing pending: a sweep removes only those, and
+        # an entry can leave a stopped consumer's list unlogged (another consumer's XACK,
+        # or XAUTOCLAIM dropping an entry deleted from the stream), so the reclaim events
+        # alone do not say when that happened.
+        emptied: dict[str, float] = {}
 
         async def settled() -> bool:
             live = self.current.service.consumer
@@ -476,9 +481,17 @@ class Run:
                 row for row in await consumer_rows(self.lane.redis, self.real.queue)
                 if live is None or row["name"].decode() != live.consumer
             ]  # fmt: skip
+            for row in rows:
+                if int(row["pending"]):
+                    emptied.pop(row["name"].decode(), None)
+                else:
+                    emptied.setdefault(row["name"].decode(), read_at)
             overdue[:] = [
-                row["name"].decode() for row in rows
-                if swept_since(self.events, prunable_since(int(row["idle"]), read_at, self.events))
+                name for row in rows
+                if (name := row["name"].decode()) in emptied
+                and swept_since(self.events, max(
+                    emptied[name], prunable_since(int(row["idle"]), read_at, self.events)
+                ))
             ]  # fmt: skip
             return not rows or bool(overdue)
 
