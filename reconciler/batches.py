@@ -112,28 +112,25 @@ class NewBatch:
     files: Sequence[FileSpec]
     entries: list[dict[str, str]]
 
-    def batch_row(self) -> tuple[Any, ...]:
-        """The parameters of `insert_batch`."""
-        return (
-            self.batch_id,
-            self.run_id,
-            self.metadata,
-            self.digest,
-            len(self.files),
-            self.deadline_s,
-        )
+    def writes(self, *, enqueued: bool) -> list[tuple[str, tuple[Any, ...]]]:
+        """The statements that write the batch, with their parameters, in order: the
+        batch with its first chunk of files (`insert_batch_with_files`, returning the id,
+        or nothing when the id is taken), then `insert_files` for each further chunk.
+        `enqueued=False` leaves the files' `enqueued_at` NULL (no job yet)."""
+        batch = (self.batch_id, self.run_id, self.metadata, self.digest, len(self.files))
+        # A batch without files is still one statement (with empty arrays).
+        chunks = [self._files(c, enqueued) for c in list(_chunks(self.files)) or [[]]]
+        first = ("insert_batch_with_files", (*batch, self.deadline_s, *chunks[0]))
+        return [first, *(("insert_files", (self.batch_id, *c)) for c in chunks[1:])]
 
-    def file_rows(self, *, enqueued: bool) -> Iterator[tuple[Any, ...]]:
-        """The parameters of `insert_files`, one chunk of files at a time (one, empty, when
-        there are no files)."""
-        for chunk in _chunks(self.files) if self.files else [self.files]:
-            yield (
-                self.batch_id,
-                [f.file_id for f in chunk],
-                [f.uri for f in chunk],
-                [None if f.payload is None else jobs.payload_text(f.payload) for f in chunk],
-                enqueued,
-            )
+    @staticmethod
+    def _files(chunk: Sequence[FileSpec], enqueued: bool) -> tuple[Any, ...]:
+        return (
+            [f.file_id for f in chunk],
+            [f.uri for f in chunk],
+            [None if f.payload is None else jobs.payload_text(f.payload) for f in chunk],
+            enqueued,
+        )
 
     def existing(self, digest: str | None) -> Submitted:
         """The answer when the id is taken: a no-op for the same files, else a conflict."""
@@ -189,16 +186,14 @@ async def submit(
 
 async def _write(db: Database, new: NewBatch) -> bool:
     """Writes the batch and its files, atomically; False when its id was taken."""
-    first, *rest = new.file_rows(enqueued=True)
+    (name, args), *rest = new.writes(enqueued=True)
     if not rest:  # one statement, one round trip: the common case
-        return (
-            await db.fetchval("insert_batch_with_files", *new.batch_row(), *first[1:]) is not None
-        )
+        return await db.fetchval(name, *args) is not None
     async with db.transaction() as tx:
-        if await tx.fetchval("insert_batch_with_files", *new.batch_row(), *first[1:]) is None:
+        if await tx.fetchval(name, *args) is None:
             return False
-        for row in rest:
-            await tx.execute("insert_files", *row)
+        for further, more in rest:
+            await tx.execute(further, *more)
     return True
 
 

@@ -74,10 +74,11 @@ def submit_sync(
 
 
 def _write(connection: Connection | Session, new: NewBatch) -> Submitted:
-    if _scalar(connection, "insert_batch", *new.batch_row()) is None:
+    (name, args), *rest = new.writes(enqueued=False)
+    if _scalar(connection, name, *args) is None:
         return new.existing(_scalar(connection, "batch_digest", new.batch_id))
-    for row in new.file_rows(enqueued=False):
-        connection.execute(_statement("insert_files"), _params(row))
+    for further, more in rest:
+        connection.execute(_statement(further), _params(more))
     return Submitted(new.batch_id, True, len(new.files))
 
 

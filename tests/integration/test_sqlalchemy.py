@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 from reconciler import sqlalchemy as reconciler_sa
 from reconciler.actors.sweeper import Sweeper
 from reconciler.app import Ports, Role
+from reconciler.batches import CHUNK_FILES
 from reconciler.client import Client
 from reconciler.config import Settings
 from reconciler.errors import BatchConflict, BatchNotFound, RetryableError
@@ -198,3 +199,33 @@ async def test_sync_empty_batch_is_finalized_by_enqueue(
     summary = await summary_of(ports, "b-empty")
     assert summary is not None
     assert (summary["status"], summary["finalized_by"]) == ("completed", "event")
+
+
+async def test_batches_past_one_chunk_are_written_whole_on_both_paths(
+    settings: Settings, ports: Ports, sync_engine: Engine
+) -> None:
+    """More files than one statement takes: the batch and its first chunk in one
+    statement, the other chunks after it in the same transaction; a repeat writes
+    nothing. Through Client.submit (jobs enqueued) and a sync Connection (none yet)."""
+    count = CHUNK_FILES * 2 + 7
+    first = await submit(ports, files(count), batch_id="b-big")
+    again = await submit(ports, list(reversed(files(count))), batch_id="b-big")
+    assert (first.created, again.created) == (True, False)
+
+    def write() -> tuple[bool, bool]:
+        with sync_engine.begin() as conn:
+            made = reconciler_sa.submit_sync(conn, files(count), batch_id="b-big-sa")
+            repeat = reconciler_sa.submit_sync(conn, files(count), batch_id="b-big-sa")
+        return made.created, repeat.created
+
+    assert await anyio.to_thread.run_sync(write) == (True, False)
+    rows = await sql(
+        settings.database_url or "",
+        "SELECT b.batch_id, b.total_files, count(f.file_id), count(f.enqueued_at)"
+        " FROM batches b JOIN batch_files f USING (batch_id) GROUP BY 1, 2 ORDER BY 1",
+    )
+    assert [tuple(r) for r in rows] == [
+        ("b-big", count, count, count),
+        ("b-big-sa", count, count, 0),
+    ]
+    assert await ports.queue.length() == count, "one job per file of the submitted batch"
