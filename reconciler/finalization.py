@@ -4,9 +4,9 @@
 one round trip: the decision is the SQL function `reconciler_finalize`
 (schema/0009_finalize_function.sql), which takes the lock, reads the batch under it and
 writes the summary, the event and its deliveries. The trigger that woke it (event,
-sweep, demand, deadline) is only a label. The finalizer
-actor, the sweeper, the HTTP API and submission all call it. An operator's cancel
-(`finalize_now`) goes through the same decision, inside the caller's transaction.
+sweep, demand, deadline) is only a label. The finalizer actor, the sweeper, the HTTP
+API and submission all call it. An operator's cancel (`finalize_now`) goes through the
+same decision, inside the caller's transaction.
 """
 
 from __future__ import annotations
@@ -81,21 +81,21 @@ async def finalize_now(tx: Session, batch_id: str) -> FinalizeResult:
 
 
 def _result(row: Row | None, batch_id: str, trigger: str) -> FinalizeResult:
-    """What `reconciler_finalize` decided, logged as the steps it took under the lock."""
-    outcome = Outcome(row["outcome"]) if row is not None else Outcome.NOT_FOUND
-    if row is not None and outcome in (Outcome.NOT_READY, Outcome.FINALIZED):
+    """What `reconciler_finalize` decided (it always answers one row), logged as the
+    steps it took under the lock."""
+    assert row is not None, "reconciler_finalize returns one row"
+    outcome = Outcome(row["outcome"])
+    if outcome in (Outcome.NOT_READY, Outcome.FINALIZED):
         log.info(
             "finalization_conditions_checked",
             batch_id=batch_id, trigger=trigger, total_files=row["total_files"],
             files_succeeded=row["files_succeeded"], files_failed=row["files_failed"],
             files_remaining=row["files_remaining"],
         )  # fmt: skip
-    if row is None or outcome is not Outcome.FINALIZED:
-        status = row["status"] if row is not None else None
-        return FinalizeResult(outcome, batch_id, trigger, status)
+    if outcome is not Outcome.FINALIZED:
+        return FinalizeResult(outcome, batch_id, trigger, row["status"])
     log.info("aggregation_finished", batch_id=batch_id, trigger=trigger)
-    latency_s = float(row["latency_s"] or 0.0)
-    return FinalizeResult(outcome, batch_id, trigger, row["status"], latency_s)
+    return FinalizeResult(outcome, batch_id, trigger, row["status"], float(row["latency_s"]))
 
 
 def observe(result: FinalizeResult) -> None:

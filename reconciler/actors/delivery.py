@@ -59,7 +59,7 @@ class Deliverer:
     async def run(self) -> None:
         if self._settings.on_finalized:
             await delivery.register_hook(self._db, self._settings.on_finalized)
-        async with http_client(self._settings.delivery_timeout_s) as http:
+        async with http_client() as http:
             sender = WebhookSender(http, self._settings.delivery_timeout_s)
             # Watching before the first claim: a finalization from then on wakes us.
             # Only a finalization that fanned out to a sink can have made something due.
