@@ -476,10 +476,13 @@ class Run:
 
         async def settled() -> bool:
             live = self.current.service.consumer
+            listed = await consumer_rows(self.lane.redis, self.real.queue)
+            # After the reply: Redis measured each idle time at or before this moment, so
+            # the removable-since estimate is never earlier than the truth (a sweep that
+            # starts in between would otherwise be blamed for a consumer not yet idle).
             read_at = time.monotonic()
             rows = [
-                row for row in await consumer_rows(self.lane.redis, self.real.queue)
-                if live is None or row["name"].decode() != live.consumer
+                row for row in listed if live is None or row["name"].decode() != live.consumer
             ]  # fmt: skip
             for row in rows:
                 if int(row["pending"]):
