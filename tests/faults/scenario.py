@@ -350,6 +350,7 @@ class Run:
         self.stage = "starting"
         self.events: list[MutableMapping[str, Any]] = []
         self.stale: list[str] = []
+        self.t0 = time.monotonic()
 
     def batch_id(self, letter: str) -> str:
         return f"{self.tag}-{letter}"
@@ -468,6 +469,7 @@ class Run:
         removable has finished (see `swept_since`): one still listed then was left behind.
         """
         overdue: list[str] = []
+        seen: dict[str, tuple[int, int, float]] = {}  # name -> (pending, idle ms, read at)
         # When each was first seen with nothing pending: a sweep removes only those, and
         # an entry can leave a stopped consumer's list unlogged (another consumer's XACK,
         # or XAUTOCLAIM dropping an entry deleted from the stream), so the reclaim events
@@ -485,6 +487,7 @@ class Run:
                 row for row in listed if live is None or row["name"].decode() != live.consumer
             ]  # fmt: skip
             for row in rows:
+                seen[row["name"].decode()] = (int(row["pending"]), int(row["idle"]), read_at)
                 if int(row["pending"]):
                     emptied.pop(row["name"].decode(), None)
                 else:
@@ -504,7 +507,31 @@ class Run:
             names = await group_consumers(self.lane.redis, self.real.queue)
             live = self.current.service.consumer
             overdue = [n for n in names if live is None or n != live.consumer]
-        return [_owner(name, self.events) for name in overdue]
+        return [self._why_stale(name, seen.get(name), emptied.get(name)) for name in overdue]
+
+    def _why_stale(
+        self, name: str, seen: tuple[int, int, float] | None, emptied: float | None
+    ) -> str:
+        """A stale consumer with what the harness saw of it and what the sweeps did."""
+        t = partial(_relative, self.t0)
+        if seen is None:
+            return f"{_owner(name, self.events)} [never seen]"
+        pending, idle_ms, read_at = seen
+        since = prunable_since(idle_ms, read_at, self.events)
+        story = [
+            f"{e['event']}@gen{e.get('generation')}@{t(float(e['at']))}"
+            + (f"(-{e.get('duration_ms')}ms)" if e["event"] == "sweep_finished" else "")
+            for e in self.events
+            if (e.get("event") == "sweep_finished" and float(e["at"]) >= since - 1.0)
+            or e.get("consumer") == name
+            or name in str(e.get("consumers", ""))
+            or e.get("event") in ("sweep_repair_failed", "jobs_reclaimed")
+        ]
+        return (
+            f"{_owner(name, self.events)} [last seen {t(read_at)} pending={pending}"
+            f" idle={idle_ms}ms; empty since {t(emptied)}; removable since {t(since)};"
+            f" {', '.join(story)}]"
+        )
 
     async def stop(self) -> bool:
         """Stops the live generation gracefully; a crash while stopping means another go."""
@@ -528,6 +555,10 @@ def _owner(name: str, events: list[MutableMapping[str, Any]]) -> str:
         if event.get("event") == "consumer_started" and event.get("consumer") == name:
             return f"{name} (generation {event['generation']})"
     return name
+
+
+def _relative(t0: float, at: float | None) -> str:
+    return "-" if at is None else f"{at - t0:.2f}s"
 
 
 def _close_listeners(service: Service) -> None:
