@@ -1,4 +1,5 @@
-"""CPU time from /proc: the host, this run's Postgres backends, Redis, the harness.
+"""CPU time from /proc: the host, this run's Postgres backends, Redis, the harness, and
+the benchmark's webhook receiver when it has one.
 
 On a small shared machine the service, Postgres and Redis compete for the same cores
 with whatever else runs there; these figures say who used them during a run. Postgres
@@ -20,17 +21,23 @@ import redis.asyncio as aioredis
 class CpuMeter:
     """Started before a run, polled during it, read at its end."""
 
-    def __init__(self, database: str, redis_pid: int | None) -> None:
+    def __init__(
+        self, database: str, redis_pid: int | None, receiver_pid: int | None = None
+    ) -> None:
         self._title = f" {database} ".encode()
         self._redis_pid = redis_pid
+        self._receiver_pid = receiver_pid
         self._start = _host(), _harness_s(), _optional_s(redis_pid)
+        self._receiver_start = _optional_s(receiver_pid)
         self._backends_start = self._backends()
         self._backends_last = dict(self._backends_start)
 
     @classmethod
-    async def start(cls, database_url: str, redis_url: str) -> CpuMeter:
+    async def start(
+        cls, database_url: str, redis_url: str, receiver_pid: int | None = None
+    ) -> CpuMeter:
         database = urlsplit(database_url).path.lstrip("/")
-        return cls(database, await _redis_pid(redis_url))
+        return cls(database, await _redis_pid(redis_url), receiver_pid)
 
     def poll(self) -> None:
         """Records the CPU time of this database's backends, before any of them exits."""
@@ -42,6 +49,7 @@ class CpuMeter:
         (busy0, total0), harness0, redis0 = self._start
         busy, total = _host()
         redis = _optional_s(self._redis_pid)
+        receiver, receiver0 = _optional_s(self._receiver_pid), self._receiver_start
         postgres = sum(
             v - self._backends_start.get(pid, 0.0) for pid, v in self._backends_last.items()
         )
@@ -49,6 +57,9 @@ class CpuMeter:
             "postgres_s": round(postgres, 3),
             "redis_s": None if redis is None or redis0 is None else round(redis - redis0, 3),
             "harness_s": round(_harness_s() - harness0, 3),
+            "receiver_s": None
+            if receiver is None or receiver0 is None
+            else round(receiver - receiver0, 3),
             "host_busy_s": round(busy - busy0, 3),
             "host_busy_pct": round(100 * (busy - busy0) / (total - total0), 1)
             if total > total0

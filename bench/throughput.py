@@ -89,7 +89,8 @@ async def _drive(place: Scratch, options: ThroughputOptions) -> Observed:
     env = service_env(place, options.handler, options.concurrency, SWEEP_INTERVAL_S)
     with running(env, options.log_dir, options.replicas) as services:
         note(f"service pid(s) {[s.pid for s in services]}, logs in {options.log_dir}")
-        meter = await cpu.CpuMeter.start(place.database_url, place.redis_url)
+        receiver_pid = options.receiver.pid if options.receiver is not None else None
+        meter = await cpu.CpuMeter.start(place.database_url, place.redis_url, receiver_pid)
         started_cpu = [s.cpu_s() for s in services]
         began = time.perf_counter()
         with profiling.record(
@@ -256,6 +257,7 @@ async def answered_ms(url: str, receiver: Receiver | None) -> dict[str, float | 
 def _others_s(seen: Observed) -> float | None:
     """Busy core-seconds of the host not spent by the service, servers or harness."""
     parts = [seen.cpu["postgres_s"], seen.cpu["redis_s"], seen.cpu["harness_s"]]
+    parts.append(seen.cpu.get("receiver_s") or 0.0)
     busy = seen.cpu["host_busy_s"]
     if busy is None or any(part is None for part in parts):
         return None
@@ -269,6 +271,7 @@ def _per_file_us(seen: Observed, files: int) -> dict[str, float | None]:
         "postgres": seen.cpu["postgres_s"],
         "redis": seen.cpu["redis_s"],
         "harness": seen.cpu["harness_s"],
+        "receiver": seen.cpu.get("receiver_s"),
     }
     return {k: None if v is None else round(1e6 * v / files, 1) for k, v in spent.items()}
 

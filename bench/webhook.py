@@ -1,7 +1,7 @@
 """`webhook`: throughput with one webhook subscribed vs none, alternately, in one run.
 
 Both sides run the same batches x files of no-op work; the webhook side subscribes a
-local receiver (answering 200 at once) and also reports the delivery latency,
+local receiver (its own process, answering 200 at once) and also reports the delivery latency,
 finalization -> 2xx recorded. On a shared machine the load drifts, so the sides
 alternate (the order flips every round) and medians and spreads are reported.
 """
@@ -69,6 +69,7 @@ def summary(result: dict[str, Any]) -> dict[str, Any]:
         "files_per_s": result["files_per_s"],
         "wall_s": result["wall_s"],
         "service_cpu_us_per_file": result["cpu_us_per_file"]["service"],
+        "cpu_us_per_file": result["cpu_us_per_file"],
         "delivery_latency_ms": result["delivery_latency_ms"],
         "delivery_recorded_ms": result["delivery_recorded_ms"],
         "ok": result["checks"]["ok"],
