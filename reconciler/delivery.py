@@ -12,7 +12,7 @@ from __future__ import annotations
 import enum
 import json
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -134,12 +134,9 @@ async def release(db: Database, claimed: Claimed) -> None:
 
 
 async def settle(db: Database, claimed: Claimed, attempt: Attempt, schedule: Schedule) -> Outcome:
-    """Records the attempt and moves the delivery on: one statement when it was delivered
-    (the common case), one transaction otherwise."""
+    """Records the attempt and moves the delivery on: delivered, due again, or dead."""
     if attempt.delivered:
-        answer = (attempt.status_code, attempt.latency_s, claimed.replica)
-        age = await db.fetchval("delivery_delivered", claimed.delivery_id, claimed.attempt, *answer)
-        _observe(claimed, attempt, Outcome.DELIVERED, None if age is None else float(age))
+        await settle_delivered(db, [(claimed, attempt)])
         return Outcome.DELIVERED
     async with db.transaction() as tx:
         outcome = await _move(tx, claimed, attempt, schedule)
@@ -153,6 +150,21 @@ async def settle(db: Database, claimed: Claimed, attempt: Attempt, schedule: Sch
         await tx.execute("log_attempt", claimed.delivery_id, claimed.attempt, *logged)
     _observe(claimed, attempt, outcome, None)
     return outcome
+
+
+async def settle_delivered(db: Database, answered: Sequence[tuple[Claimed, Attempt]]) -> None:
+    """Records delivered attempts, any number in one statement (the common case)."""
+    columns = (
+        [claimed.delivery_id for claimed, _ in answered],
+        [claimed.attempt for claimed, _ in answered],
+        [attempt.status_code for _, attempt in answered],
+        [attempt.latency_s for _, attempt in answered],
+        [claimed.replica for claimed, _ in answered],
+    )
+    rows = await db.fetch("deliveries_delivered", *columns)
+    ages = {row["delivery_id"]: float(row["age_s"]) for row in rows}
+    for claimed, attempt in answered:
+        _observe(claimed, attempt, Outcome.DELIVERED, ages.get(claimed.delivery_id))
 
 
 async def _move(tx: Session, claimed: Claimed, attempt: Attempt, schedule: Schedule) -> Outcome:

@@ -369,20 +369,26 @@ JOIN events e ON e.event_id = c.event_id
 LEFT JOIN webhooks w ON w.webhook_id = c.webhook_id
 ORDER BY c.finalized_at;
 
--- name: delivery_delivered
--- Delivery $1 is acknowledged by its attempt $2 (HTTP status $3, null for a hook; $4
--- seconds; replica $5), and that attempt logged, in one statement; returns the
--- delivery's age (finalization to now) the first time.
-WITH done AS (
-    UPDATE deliveries SET state = 'delivered', delivered_at = now(), claimed_by = NULL
-    WHERE delivery_id = $1 AND state = 'pending'
-    RETURNING extract(epoch FROM now() - finalized_at) AS age_s
+-- name: deliveries_delivered
+-- Deliveries $1 acknowledged by their attempts $2 (HTTP statuses $3, null for a hook;
+-- $4 seconds each; replicas $5), every attempt logged, in one statement; returns the
+-- age (finalization to now) of each delivery this settled, the first time only.
+WITH answered AS (
+    SELECT * FROM unnest($1::bigint[], $2::integer[], $3::integer[],
+                         $4::double precision[], $5::text[])
+        AS a(delivery_id, attempt, status_code, latency_s, replica)
+), done AS (
+    UPDATE deliveries d SET state = 'delivered', delivered_at = now(), claimed_by = NULL
+    FROM answered a
+    WHERE d.delivery_id = a.delivery_id AND d.state = 'pending'
+    RETURNING d.delivery_id, extract(epoch FROM now() - d.finalized_at) AS age_s
 ), logged AS (
     INSERT INTO delivery_attempts (
         delivery_id, attempt, outcome, status_code, error, latency_s, replica)
-    VALUES ($1, $2, 'delivered', $3, NULL, $4, $5)
+    SELECT delivery_id, attempt, 'delivered', status_code, NULL, latency_s, replica
+    FROM answered
 )
-SELECT age_s FROM done;
+SELECT delivery_id, age_s FROM done;
 
 -- name: delivery_failed
 -- Attempt $2 of delivery $1 failed: due again in $3 seconds, but never later than $4

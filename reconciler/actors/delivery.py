@@ -3,7 +3,8 @@
 Every replica that runs the worker or the sweeper runs one. It claims due deliveries
 under a lease (so no two replicas attempt the same one at once), makes a few attempts
 at a time, and settles each through `delivery.settle`; a replica that dies mid-attempt
-leaves its lease to run out, and another tries again.
+leaves its lease to run out, and another tries again. Delivered attempts are settled
+in groups (`Settler`): one statement records every 2xx of a short window.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import os
 import secrets
 import socket
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Final
 
@@ -34,6 +36,8 @@ DELIVERY_CONCURRENCY: Final = 16
 LEASE_MIN_S: Final = 30.0
 LEASE_TIMEOUTS: Final = 3
 RELEASE_TIMEOUT_S: Final = 2.0
+# Delivered attempts settled together: the first of a group waits this long for others.
+SETTLE_WINDOW_S: Final = 0.02
 
 
 def lease_s(settings: Settings) -> float:
@@ -55,6 +59,7 @@ class Deliverer:
         self._hook = HookCaller(hook, settings.delivery_timeout_s) if hook else None
         self._busy = 0
         self._wakeup = Watch()  # replaced by the notifications' watch while running
+        self._settler = Settler(db, SETTLE_WINDOW_S, DELIVERY_CONCURRENCY)
 
     async def run(self) -> None:
         if self._settings.on_finalized:
@@ -94,12 +99,19 @@ class Deliverer:
         await self._wakeup.wait(self._settings.delivery_poll_interval_s)
 
     async def _attempt(self, claimed: Claimed, sender: WebhookSender) -> None:
+        made: Attempt | None = None
         try:
-            attempt = await self._make(claimed, sender)
-            settle = partial(delivery.settle, self._db, claimed, attempt, self._schedule)
-            await persist(settle, "delivery_settle_failed", log, event_id=claimed.event.event_id)
+            made = await self._make(claimed, sender)
+            if made.delivered:
+                await self._settler.delivered(claimed, made)
+            else:
+                settle = partial(delivery.settle, self._db, claimed, made, self._schedule)
+                await persist(
+                    settle, "delivery_settle_failed", log, event_id=claimed.event.event_id
+                )
         except anyio.get_cancelled_exc_class():
-            await self._release(claimed)
+            if made is None or not made.delivered:  # a delivered one is its group's to settle
+                await self._release(claimed)
             raise
         finally:
             self._busy -= 1
@@ -120,6 +132,71 @@ class Deliverer:
         if self._hook is None:  # claimed only with a hook: a registration changed under us
             return Attempt(False, 0.0, error="RECONCILER_ON_FINALIZED is not set here")
         return await self._hook.call(claimed)
+
+
+@dataclass(eq=False)
+class _Group:
+    answered: list[tuple[Claimed, Attempt]]
+    full: anyio.Event = field(default_factory=anyio.Event)
+    done: anyio.Event = field(default_factory=anyio.Event)
+    error: Exception | None = None
+
+
+class Settler:
+    """Settles delivered attempts in groups: the first of a group waits up to `window_s`
+    (less once `size` have joined), then one statement records them all.
+
+    The 2xx has reached the receiver before its attempt gets here, so the window delays
+    only the bookkeeping, not the delivery. A stop during the window settles the group at
+    once; a replica that dies inside it leaves those deliveries leased, and they are made
+    again when the lease runs out (at least once: receivers deduplicate on the id).
+    """
+
+    def __init__(self, db: Database, window_s: float, size: int) -> None:
+        self._db = db
+        self._window_s = window_s
+        self._size = size
+        self._open: _Group | None = None
+
+    @property
+    def waiting(self) -> int:
+        """Delivered attempts in the open group, not yet settled."""
+        return len(self._open.answered) if self._open else 0
+
+    async def delivered(self, claimed: Claimed, attempt: Attempt) -> None:
+        group = self._open
+        if group is None:
+            await self._lead(_Group([(claimed, attempt)]))
+            return
+        group.answered.append((claimed, attempt))
+        if len(group.answered) >= self._size:
+            group.full.set()
+        await group.done.wait()
+        if group.error is not None:
+            raise group.error
+
+    async def _lead(self, group: _Group) -> None:
+        self._open = group
+        try:
+            with anyio.move_on_after(self._window_s):
+                await group.full.wait()
+        except anyio.get_cancelled_exc_class():
+            self._open = None
+            with anyio.CancelScope(shield=True), anyio.move_on_after(RELEASE_TIMEOUT_S):
+                await self._settle(group)
+            raise
+        self._open = None  # whoever comes next opens the next group
+        await self._settle(group)
+
+    async def _settle(self, group: _Group) -> None:
+        settle = partial(delivery.settle_delivered, self._db, group.answered)
+        try:
+            await persist(settle, "delivery_settle_failed", log, deliveries=len(group.answered))
+        except Exception as exc:
+            group.error = exc
+            raise
+        finally:
+            group.done.set()
 
 
 def _fanned_out(payload: dict[str, Any]) -> bool:
