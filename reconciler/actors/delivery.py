@@ -36,6 +36,8 @@ DELIVERY_CONCURRENCY: Final = 16
 LEASE_MIN_S: Final = 30.0
 LEASE_TIMEOUTS: Final = 3
 RELEASE_TIMEOUT_S: Final = 2.0
+# After a wake-up the claim waits this long, so finalizations close together share it.
+CLAIM_WINDOW_S: Final = 0.01
 # Delivered attempts settled together: the first of a group waits this long for others.
 SETTLE_WINDOW_S: Final = 0.02
 
@@ -95,8 +97,10 @@ class Deliverer:
         return len(claimed) == free
 
     async def _idle(self) -> None:
-        """Waits for the next poll, a finalization anywhere, or a slot to free up."""
-        await self._wakeup.wait(self._settings.delivery_poll_interval_s)
+        """Waits for the next poll, a finalization anywhere, or a slot to free up; after a
+        wake-up, a moment more, so the finalizations of that moment share one claim."""
+        if await self._wakeup.wait(self._settings.delivery_poll_interval_s):
+            await anyio.sleep(CLAIM_WINDOW_S)
 
     async def _attempt(self, claimed: Claimed, sender: WebhookSender) -> None:
         made: Attempt | None = None
