@@ -90,7 +90,7 @@ async def _init_pooled(conn: asyncpg.Connection) -> None:
     # transaction those three statements may run on three server connections and leave
     # `jit` off on one that other clients get next; inside one they cannot.
     async with conn.transaction():
-        await conn.fetchrow(QUERIES["array_codecs"], None, None, None)
+        await conn.fetchrow(QUERIES["array_codecs"], None, None, None, None)
 
 
 def _connection_options(pooler: Pooler) -> dict[str, Any]:

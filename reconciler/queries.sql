@@ -261,7 +261,7 @@ SELECT set_config('random_page_cost', '1.1', false);
 -- preparing it makes asyncpg look their codecs up in the catalog, once per connection.
 -- Behind a transaction pooler that is done inside a transaction, because asyncpg switches
 -- `jit` off and back on at session level around the lookup.
-SELECT $1::integer[], $2::boolean[], $3::double precision[];
+SELECT $1::integer[], $2::boolean[], $3::double precision[], $4::bigint[];
 
 -- name: record_migration
 INSERT INTO schema_migrations (version, name) VALUES ($1, $2);
