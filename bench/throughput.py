@@ -271,8 +271,9 @@ def _per_file_us(seen: Observed, files: int) -> dict[str, float | None]:
         "postgres": seen.cpu["postgres_s"],
         "redis": seen.cpu["redis_s"],
         "harness": seen.cpu["harness_s"],
-        "receiver": seen.cpu.get("receiver_s"),
     }
+    if seen.cpu.get("receiver_s") is not None:  # a run with a webhook receiver
+        spent["receiver"] = seen.cpu["receiver_s"]
     return {k: None if v is None else round(1e6 * v / files, 1) for k, v in spent.items()}
 
 
