@@ -296,19 +296,26 @@ def prunable_since(idle_ms: int, read_at: float, events: list[MutableMapping[str
     return max([since, *reclaims])
 
 
-def swept_since(events: list[MutableMapping[str, Any]], since: float) -> bool:
-    """Whether a sweep that started at `since` or later finished its consumer repair.
+def swept_since(
+    events: list[MutableMapping[str, Any]], since: float, before: float | None = None
+) -> bool:
+    """Whether a sweep that started at `since` or later finished its consumer repair
+    (before `before`, when the listing to judge was asked for).
 
     Such a sweep removes every consumer that was removable when it started, so one
     still listed after it was left behind. Counted in sweeps, not seconds: a loaded
-    machine stretches the sweeps, and a stopping generation runs none.
+    machine stretches the sweeps, and a stopping generation runs none. Only sweeps
+    that finished before the listing was asked for count: Redis takes the listing at
+    some moment between the request and the reply, and a sweep sharing the harness's
+    event loop can remove the consumer, and log it, after that moment but before the
+    harness reads the reply.
     """
     failed = [
         e for e in events
         if e.get("event") == "sweep_repair_failed" and e.get("repair") == "consumers_removed"
     ]  # fmt: skip
     for e in events:
-        if e.get("event") != "sweep_finished":
+        if e.get("event") != "sweep_finished" or (before is not None and e["at"] > before):
             continue
         started = float(e["at"]) - float(e.get("duration_ms", 0)) / 1000
         if started < since:
@@ -478,6 +485,7 @@ class Run:
 
         async def settled() -> bool:
             live = self.current.service.consumer
+            asked_at = time.monotonic()
             listed = await consumer_rows(self.lane.redis, self.real.queue)
             # After the reply: Redis measured each idle time at or before this moment, so
             # the removable-since estimate is never earlier than the truth (a sweep that
@@ -497,7 +505,7 @@ class Run:
                 if (name := row["name"].decode()) in emptied
                 and swept_since(self.events, max(
                     emptied[name], prunable_since(int(row["idle"]), read_at, self.events)
-                ))
+                ), before=asked_at)
             ]  # fmt: skip
             return not rows or bool(overdue)
 

@@ -58,3 +58,11 @@ def test_a_sweep_whose_consumer_repair_failed_does_not() -> None:
     # The failure of another generation's sweep excuses nothing.
     other = dict(failed, generation=3)
     assert swept_since([other, sweep(finished_at=12.0, duration_s=1.0)], since=10.0)
+
+
+def test_a_sweep_that_finished_after_the_listing_was_asked_for_does_not() -> None:
+    # Redis answered the listing before this sweep removed the consumer; the sweep
+    # logged its removal on the shared loop before the harness read the reply.
+    late = sweep(finished_at=12.0, duration_s=0.01)
+    assert not swept_since([late], since=10.0, before=11.99)
+    assert swept_since([late], since=10.0, before=12.0)
