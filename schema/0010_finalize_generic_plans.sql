@@ -2,6 +2,6 @@
 -- Every statement inside reaches its rows through a key (the batch's primary key, the
 -- batch's files by the leading primary-key column, the webhooks subscribed), so the
 -- generic plan is the plan a custom one would be; under the default `auto` Postgres
--- still planned them anew on most calls, about a fifth of the function's time.
+-- still planned them anew on most calls.
 ALTER FUNCTION reconciler_finalize(text, text, text, text, integer)
     SET plan_cache_mode = force_generic_plan;
