@@ -76,9 +76,10 @@ async def _init_session(conn: asyncpg.Connection) -> None:
     # The hot statements join a few hundred unnest()ed keys to batch_files by primary
     # key. With disk-era page costs Postgres picks full scans that grow with the table;
     # with cached-page costs it uses the index. Plans are cached (plan_cache_mode is
-    # left at its default, auto): a generic plan reads an unnest() as a few rows, so it
-    # joins by the primary key too, and planning reconciler_finalize's statements and
-    # record_outcomes anew on every execution cost about a quarter of Postgres's CPU per file.
+    # left at its default, auto, which plans the API's optional-filter lists for their
+    # values; reconciler_finalize forces generic plans for its own statements, schema/0010):
+    # a generic plan reads an unnest() as a few rows, so it joins by the primary key too.
+    # Forcing custom plans everywhere cost about a quarter of Postgres's CPU per file.
     await conn.execute(QUERIES["session_settings"])
     await _init_connection(conn)
 

@@ -133,11 +133,11 @@ async def release(db: Database, claimed: Claimed) -> None:
     await db.execute("release_delivery", claimed.delivery_id, claimed.attempt)
 
 
-async def settle(db: Database, claimed: Claimed, attempt: Attempt, schedule: Schedule) -> Outcome:
-    """Records the attempt and moves the delivery on: delivered, due again, or dead."""
-    if attempt.delivered:
-        await settle_delivered(db, [(claimed, attempt)])
-        return Outcome.DELIVERED
+async def settle_failed(
+    db: Database, claimed: Claimed, attempt: Attempt, schedule: Schedule
+) -> Outcome:
+    """Records a failed attempt and moves the delivery on: due again, or dead (delivered
+    attempts go through `settle_delivered`)."""
     async with db.transaction() as tx:
         outcome = await _move(tx, claimed, attempt, schedule)
         logged = (

@@ -2,9 +2,9 @@
 
 Every replica that runs the worker or the sweeper runs one. It claims due deliveries
 under a lease (so no two replicas attempt the same one at once), makes a few attempts
-at a time, and settles each through `delivery.settle`; a replica that dies mid-attempt
-leaves its lease to run out, and another tries again. Delivered attempts are settled
-in groups (`Settler`): one statement records every 2xx of a short window.
+at a time, and settles each: a failure through `delivery.settle_failed`, a 2xx in a
+group (`Settler`: one statement records every 2xx of a short window). A replica that
+dies mid-attempt leaves its lease to run out, and another tries again.
 """
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ class Deliverer:
             if made.delivered:
                 await self._settler.delivered(claimed, made)
             else:
-                settle = partial(delivery.settle, self._db, claimed, made, self._schedule)
+                settle = partial(delivery.settle_failed, self._db, claimed, made, self._schedule)
                 await persist(
                     settle, "delivery_settle_failed", log, event_id=claimed.event.event_id
                 )
