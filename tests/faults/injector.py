@@ -74,6 +74,8 @@ class FaultPlan:
 
     mode: Mode | None = None
     points: frozenset[int] = frozenset()
+    # Or, instead of a position, the first call of this port method (`JobQueue.release`).
+    method: str | None = None
     calls: int = 0
     log: list[tuple[int, str]] = field(default_factory=list)
     crashed: bool = False
@@ -83,7 +85,8 @@ class FaultPlan:
         """Counts one call; raises for `error`, else says what to do after the real call."""
         self.calls += 1
         self.log.append((self.calls, name))
-        if self.mode is None or self.calls not in self.points:
+        first_of_method = self.method == name and not self.injected
+        if self.mode is None or not (self.calls in self.points or first_of_method):
             return None
         self.injected.append((self.calls, name))
         if self.mode is Mode.ERROR:

@@ -223,7 +223,7 @@ def _story(record: RunRecord, consumer: str) -> str:
 def _not_vacuous(record: RunRecord) -> Found:
     # Only the clean run must show every behaviour: a faulted run may legitimately time
     # the slow file out before it starts, and a skipped attempt is already an I4.
-    if record.spec.points:
+    if record.spec.mode != "clean":
         return
     runs = runs_by_file(record.journal)
     once = [r.attempt for r in runs.get(("B", special_file("B")), [])]

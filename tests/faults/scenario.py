@@ -90,8 +90,11 @@ def run_settings(database_url: str, redis_url: str, namespace: str) -> Settings:
 class RunSpec:
     mode: str  # "clean" or a Mode value
     points: frozenset[int] = frozenset()
+    method: str | None = None  # the first call of this port method, instead of points
 
     def label(self) -> str:
+        if self.method:
+            return f"{self.mode} first {self.method}"
         return self.mode if not self.points else f"{self.mode} N={sorted(self.points)}"
 
 
@@ -185,6 +188,8 @@ class RunRecord:
         """The run and the port call at each of its fault points."""
         calls = dict(self.plan.log)
         at = ", ".join(f"{n}: {calls.get(n, 'not reached')}" for n in sorted(self.spec.points))
+        if self.spec.method:
+            at = ", ".join(f"{n}: {name}" for n, name in self.plan.injected) or "not reached"
         return f"[{self.spec.label()}{' ' + at if at else ''}]"
 
 

@@ -91,3 +91,14 @@ async def test_a_context_manager_is_a_fault_point_on_entering(ports: Ports) -> N
         assert await tx.fetchval("ping") == 1
     names = [name for _, name in plan.log]
     assert names == ["Database.transaction", "Database.transaction", "Session.fetchval"]
+
+
+async def test_a_plan_may_fail_the_first_call_of_a_method(ports: Ports) -> None:
+    """With `method`, the first call of that port method fails, and only that one."""
+    plan = FaultPlan(Mode.ERROR, method="JobQueue.enqueue")
+    faulty = faulty_ports(ports, plan, Generation(1))
+    await faulty.db.fetchval("ping")
+    with pytest.raises(RetryableError):
+        await faulty.queue.enqueue([ENTRY], ["m"])
+    await faulty.queue.enqueue([ENTRY], ["m"])
+    assert plan.injected == [(2, "JobQueue.enqueue")]
