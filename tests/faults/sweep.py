@@ -88,12 +88,12 @@ def sweep_specs(calls: int, long: bool, seed: int = SEED) -> list[RunSpec]:
     return specs
 
 
-def missed_specs(clean: RunRecord, result: SweepResult) -> list[RunSpec]:
+def missed_specs(result: SweepResult) -> list[RunSpec]:
     """A run per mode failing the first call of each method the clean run made but no
     positional run failed: the calls of one run interleave differently from the clean
     run's (timers, the sweeper's passes), so a call made once near the end, such as the
     stop's `JobQueue.release`, may sit at no N of a faulted run."""
-    missed = sorted({name for _, name in clean.plan.log} - result.faulted_methods())
+    missed = sorted({name for _, name in result.clean.plan.log} - result.faulted_methods())
     return [RunSpec(mode.value, method=name) for name in missed for mode in Mode]
 
 
@@ -121,7 +121,7 @@ async def sweep(services: Endpoints, template: str) -> SweepResult:
             clean = await run_one(lanes[0], RunSpec("clean"))
             result = SweepResult("long" if LONG else "short", clean.plan.calls, clean)
             await run_specs(lanes, sweep_specs(result.calls, LONG), result)
-            await run_specs(lanes, missed_specs(clean, result), result)
+            await run_specs(lanes, missed_specs(result), result)
     result.wall_s = time.monotonic() - started
     return result
 
