@@ -16,7 +16,7 @@ from typing import Final, TypeVar
 
 import anyio
 import structlog
-from anyio.streams.memory import MemoryObjectSendStream
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from reconciler import jobs, metrics, reasons
 from reconciler.config import Settings
@@ -30,6 +30,8 @@ log = structlog.get_logger("reconciler.consumer")
 
 T = TypeVar("T")
 MAX_ERROR_CHARS: Final = 2000
+# Written flushes waiting for their acknowledgements while the next one is written.
+SETTLES_AHEAD: Final = 1
 
 
 # Not frozen: one is made per file, and a frozen dataclass's __init__ costs 4x.
@@ -189,10 +191,22 @@ class Recorder:
         self._in_flight, self._running, self._written = in_flight, running, written
 
     async def run(self, items: Inbox) -> None:
-        while group := await items.take(self._settings.flush_interval_s):
-            await self._flush(group)
+        """Writes each flush to Postgres while the one before it is settled in Redis.
 
-    async def _flush(self, items: list[Item]) -> None:
+        The two stores work side by side: a flush's acknowledgements (a third of its
+        time) no longer hold back the next flush's outcome statement. A flush is
+        settled only after its own statements committed, and at most
+        `SETTLES_AHEAD` written flushes wait for theirs.
+        """
+        written, to_settle = anyio.create_memory_object_stream[list[Settle]](SETTLES_AHEAD)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._settle_each, to_settle)
+            async with written:
+                while group := await items.take(self._settings.flush_interval_s):
+                    await written.send(await self._flush(group))
+
+    async def _flush(self, items: list[Item]) -> list[Settle]:
+        """Writes a flush's attempts and outcomes; returns its deliveries to settle."""
         settles = [s for s in items if isinstance(s, Settle)]
         await self._write_starts(items, {s.member for s in settles})
         outcomes = [s for s in settles if s.attempted is not None and s.ids is not None]
@@ -201,6 +215,15 @@ class Recorder:
         # Committed: the detector may finalize while the acknowledgement is in flight.
         for row in rows:
             await self._progress.send(BatchProgress(row["batch_id"], bool(row["complete"])))
+        return settles
+
+    async def _settle_each(self, flushes: MemoryObjectReceiveStream[list[Settle]]) -> None:
+        async with flushes:
+            async for settles in flushes:
+                await self._settle(settles)
+
+    async def _settle(self, settles: list[Settle]) -> None:
+        """Acknowledges a written flush's deliveries, or dead-letters them."""
         acks = [s for s in settles if s.dead is None]
         members = [m for s in acks if (m := s.member) is not None]
         await self._retried(partial(self._acked, [s.delivery.id for s in acks], members), "ack")

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Awaitable, Callable
+from functools import partial
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import anyio
 import pytest
@@ -26,9 +28,10 @@ from tests.boundary.support import (
 )
 from tests.boundary.tripwire import tripwire_proxy
 from tests.chaos.faulty_proxy import FaultyProxy, faulty_proxy
-from tests.helpers import files, submit
+from tests.helpers import files, submit, wait_for
 
 pytestmark = pytest.mark.timeout(90)
+T = TypeVar("T")
 GHOST: Final = "no-such-batch-tripwire"
 RESETS: Final = 3
 MAX_ATTEMPTS: Final = 3
@@ -50,6 +53,12 @@ async def _dead_letters(url: str, namespace: str) -> Counter[bytes]:
     return Counter(fields.get(b"job") for _, fields in entries)
 
 
+async def _when(probe: Callable[[], Awaitable[T]], holds: Callable[[T], bool]) -> T | None:
+    """The probe's value when it passes `holds`, else None (for `wait_for`)."""
+    value = await probe()
+    return value if holds(value) else None
+
+
 async def test_redis_resets_in_the_reader_fail_no_file(
     settings: Settings, ports: Ports, replicas: Replicas, journal: Path
 ) -> None:
@@ -62,6 +71,14 @@ async def test_redis_resets_in_the_reader_fail_no_file(
     async with tripwire_proxy(redis_url, GHOST.encode(), RESETS) as proxy:
         await replicas.up("worker", with_env(replicas.env, RECONCILER_REDIS_URL=proxy.url))
         await settled(settings.database_url or "", "read")
+        # Dead letters are settled beside the outcome writes, not before them: the
+        # batch can finalize while the ghost's dead letter is still being retried.
+        every_job = Counter(_malformed())
+        dead = partial(_dead_letters, redis_url, settings.namespace)
+        await wait_for(
+            lambda: _when(dead, lambda found: found == every_job),
+            timeout_s=30.0, what="every malformed job dead-lettered",
+        )  # fmt: skip
         assert proxy.trips == RESETS, f"the reset fired {proxy.trips} times"
     rows = await files_of(settings.database_url or "", "read")
     runs = Counter(c.file_id for c in calls(journal))
@@ -75,7 +92,7 @@ async def test_redis_resets_in_the_reader_fail_no_file(
         "statuses": {"succeeded": READER_FILES},
         "over max attempts": [],
         "never run": [],
-        "dead letters per job": Counter(_malformed()),
+        "dead letters per job": every_job,
     }
 
 
