@@ -19,6 +19,7 @@ from typing import Any, Final
 import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
 
+from reconciler import resp
 from reconciler.errors import MisconfiguredDependency, RetryableError, TerminalError
 
 DEAD_LETTER_MAX_LEN: Final = 100_000
@@ -158,6 +159,7 @@ class JobQueue:
             socket_connect_timeout=CONNECT_TIMEOUT_S,
             health_check_interval=HEALTH_CHECK_INTERVAL_S,
         )
+        resp.in_c(client)
         return cls(client, namespace, tls=url.startswith("rediss:"))
 
     async def close(self) -> None:
