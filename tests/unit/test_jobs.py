@@ -6,6 +6,8 @@ import hashlib
 import json
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from reconciler import jobs
 from reconciler.batches import FileSpec, files_digest
@@ -112,3 +114,54 @@ def test_files_digest_is_unchanged(payload: object) -> None:
         digest.update(json.dumps([spec.file_id, spec.uri, spec.payload], sort_keys=True).encode())
         digest.update(b"\n")
     assert files_digest(specs) == digest.hexdigest()
+
+
+def _parsed(raw: bytes) -> str:
+    """json.loads's value (as its repr, so NaN equals NaN), or its error."""
+    try:
+        return repr(json.loads(raw))
+    except (ValueError, UnicodeDecodeError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+
+
+def _loaded(raw: bytes) -> str:
+    try:
+        return repr(jobs.loads(raw))
+    except (ValueError, UnicodeDecodeError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"n": 123456789012345678901234567890}',  # orjson alone: a float
+        b'{"n": -9223372036854775809}',
+        b'{"n": 18446744073709551616}',
+        b'{"n": 1e400}',  # orjson alone: refused
+        b'{"n": NaN}',
+        b'{"s": "\\ud800"}',
+        b'{"\\ud800": 1}',
+        b'\xef\xbb\xbf{"n": 1}',
+        b"\xff\xfe",
+        b'{"n": 1, "n": 2}',
+        b'{"n": 0.1, "m": 5e-324, "k": 1.7976931348623157e308, "z": -0.0}',
+        b'{"s": "\\u0000", "t": "\\ud83d\\ude00"}',
+        b"{not json",
+    ],
+)
+def test_loads_is_json_loads(raw: bytes) -> None:
+    """Where orjson differs from json.loads, json.loads decides."""
+    assert _loaded(raw) == _parsed(raw)
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+@given(JSON_VALUES)
+def test_loads_is_json_loads_for_any_payload(payload: object) -> None:
+    raw = jobs.encode("b1", "f1", "mem://x", payload)[jobs.JOB_FIELD].encode()
+    assert _loaded(raw) == _parsed(raw)
