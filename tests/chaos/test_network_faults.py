@@ -236,7 +236,9 @@ async def test_short_redis_outage_strands_no_file_in_flight(
         await anyio.sleep(BLIP_S)
         r.redis.heal()
         await wait_for(lambda: finalized(settings, "in-flight"), timeout_s=20)
-    found = await settled_audit(
-        settings.database_url or "", settings.redis_url or "", settings.namespace, 10
-    )
+        # Audited while the replica still reaches Redis: its acknowledgements retry on
+        # their own schedule, beside the writes, so they may land after the finalization.
+        found = await settled_audit(
+            settings.database_url or "", settings.redis_url or "", settings.namespace, 10
+        )
     assert_nothing_lost_or_duplicated(found)
