@@ -31,7 +31,7 @@ from reconciler.execution import Executor
 from reconciler.handlers import load_handler
 from reconciler.notifications import Notifications
 from reconciler.queue import JobQueue
-from reconciler.recording import BatchProgress
+from reconciler.recording import Completed
 from reconciler.supervisor import Actor, Health, supervise
 
 log = structlog.get_logger("reconciler.app")
@@ -123,7 +123,7 @@ class Service:
         )  # fmt: skip
 
     def _add_worker(self) -> None:
-        progress_send, progress_recv = anyio.create_memory_object_stream[BatchProgress](
+        completed_send, completed_recv = anyio.create_memory_object_stream[Completed](
             PROGRESS_BUFFER
         )
         requests_send, requests_recv = anyio.create_memory_object_stream[FinalizeRequest](
@@ -135,12 +135,12 @@ class Service:
             max_attempts=self.settings.max_attempts,
             threads=self.settings.concurrency,
         )
-        self.channels += [progress_send, progress_recv, requests_send, requests_recv]
+        self.channels += [completed_send, completed_recv, requests_send, requests_recv]
         db, queue = self.ports.db, self.ports.queue
-        self.consumer = Consumer(self.settings, db, queue, executor, progress_send, self.stop)
+        self.consumer = Consumer(self.settings, db, queue, executor, completed_send, self.stop)
         self.actors += [
             self.consumer,
-            CompletionDetector(progress_recv, requests_send),
+            CompletionDetector(completed_recv, requests_send),
             Finalizer(db, requests_recv),
         ]
 

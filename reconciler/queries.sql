@@ -137,11 +137,16 @@ SELECT batch_id, run_id, status, total_files, files_succeeded, files_failed,
 FROM batches WHERE batch_id = $1 FOR UPDATE;
 
 -- name: finalize
--- Finalizes batch $1 if the database says it is done (schema/0009_finalize_function.sql):
--- $2 trigger, $3 the reason past-deadline files fail with, $4 the reason unfinished
--- files fail with now (an operator's cancel) or null, $5 how many error groups to keep.
-SELECT outcome, status, total_files, files_succeeded, files_failed, files_remaining, latency_s
-FROM reconciler_finalize($1, $2, $3, $4, $5);
+-- Finalizes each of batches $1 that the database says is done, one after the other in
+-- one statement (schema/0009_finalize_function.sql: each under its own lock, from its own
+-- state): $2 trigger, $3 the reason past-deadline files fail with, $4 the reason
+-- unfinished files fail with now (an operator's cancel) or null, $5 how many error
+-- groups to keep. One row per batch, in the order given.
+SELECT b.batch_id, f.outcome, f.status, f.total_files, f.files_succeeded, f.files_failed,
+       f.files_remaining, f.latency_s
+FROM unnest($1::text[]) WITH ORDINALITY AS b (batch_id, pos),
+     LATERAL reconciler_finalize(b.batch_id, $2, $3, $4, $5) f
+ORDER BY b.pos;
 
 -- name: get_summary
 SELECT batch_id, run_id, status, finalized_by, total_files, files_succeeded, files_failed,

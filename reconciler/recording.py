@@ -64,11 +64,10 @@ class Settle:
 
 
 @dataclass(frozen=True, slots=True)
-class BatchProgress:
-    """Sent for each batch a flush moved: `complete` when its last file is terminal."""
+class Completed:
+    """Sent once per flush that made the last file of some batches terminal: those."""
 
-    batch_id: str
-    complete: bool
+    batch_ids: tuple[str, ...]
 
 
 Item = Settle | Started
@@ -174,13 +173,13 @@ class Recorder:
         settings: Settings,
         db: Database,
         queue: JobQueue,
-        progress: MemoryObjectSendStream[BatchProgress],
+        completed: MemoryObjectSendStream[Completed],
         consumer: str,
     ) -> None:
         self._settings = settings
         self._db = db
         self._queue = queue
-        self._progress = progress
+        self._completed = completed
         self._consumer = consumer
         self._in_flight: dict[str, None] = {}
         self._running: dict[str, int] = {}
@@ -213,8 +212,8 @@ class Recorder:
         rows = await self._write(outcomes) if outcomes else []
         self._forget(outcomes)
         # Committed: the detector may finalize while the acknowledgement is in flight.
-        for row in rows:
-            await self._progress.send(BatchProgress(row["batch_id"], bool(row["complete"])))
+        if complete := tuple(row["batch_id"] for row in rows if row["complete"]):
+            await self._completed.send(Completed(complete))
         return settles
 
     async def _settle_each(self, flushes: MemoryObjectReceiveStream[list[Settle]]) -> None:

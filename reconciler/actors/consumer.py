@@ -34,7 +34,7 @@ from reconciler.errors import MalformedJob, RetryableError, TerminalError
 from reconciler.execution import Attempted, Executor
 from reconciler.queue import Delivery, JobQueue
 from reconciler.recording import (
-    BatchProgress,
+    Completed,
     DeadLetter,
     Inbox,
     Recorder,
@@ -153,7 +153,7 @@ class Consumer:
         db: Database,
         queue: JobQueue,
         executor: Executor,
-        progress: MemoryObjectSendStream[BatchProgress],
+        completed: MemoryObjectSendStream[Completed],
         stop: anyio.Event,
         name: str | None = None,
     ) -> None:
@@ -161,7 +161,7 @@ class Consumer:
         self._db = db
         self._queue = queue
         self._executor = executor
-        self._progress = progress
+        self._completed = completed
         self._stop = stop
         self._fixed_name = name
         self.consumer = name or consumer_name()
@@ -242,7 +242,7 @@ class Consumer:
     async def _pipeline(self) -> None:
         work = _Dispatch()
         out = Inbox(self._settings.flush_max_files)
-        recorder = Recorder(self._settings, self._db, self._queue, self._progress, self.consumer)
+        recorder = Recorder(self._settings, self._db, self._queue, self._completed, self.consumer)
         recorder.track(self._in_flight, self._running, self._written)
         async with anyio.create_task_group() as tg:
             tg.start_soon(recorder.run, out)

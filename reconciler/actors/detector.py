@@ -1,7 +1,8 @@
-"""The completion detector: turns "these files finished" into "finalize this batch".
+"""The completion detector: turns "these files finished" into "finalize these batches".
 
-It listens to the consumer's progress events, so a batch is finalized the moment its
-last file is recorded, whether or not another job ever arrives (trigger `event`).
+It listens to the consumer's completion reports, so a batch is finalized the moment its
+last file is recorded, whether or not another job ever arrives (trigger `event`). The
+batches one flush completed are named together and finalized in one statement.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import structlog
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from reconciler.actors.finalizer import FinalizeRequest
-from reconciler.recording import BatchProgress
+from reconciler.recording import Completed
 
 log = structlog.get_logger("reconciler.detector")
 
@@ -20,14 +21,13 @@ class CompletionDetector:
 
     def __init__(
         self,
-        progress: MemoryObjectReceiveStream[BatchProgress],
+        completed: MemoryObjectReceiveStream[Completed],
         requests: MemoryObjectSendStream[FinalizeRequest],
     ) -> None:
-        self._progress = progress
+        self._completed = completed
         self._requests = requests
 
     async def run(self) -> None:
-        async for event in self._progress:
-            if event.complete:
-                log.debug("batch_completion_detected", batch_id=event.batch_id)
-                await self._requests.send(FinalizeRequest(event.batch_id, "event"))
+        async for event in self._completed:
+            log.debug("batch_completion_detected", batch_ids=list(event.batch_ids))
+            await self._requests.send(FinalizeRequest(event.batch_ids))

@@ -1,7 +1,9 @@
 """The finalizer actor: finalizes the batches the completion detector names.
 
-It runs `finalization.finalize` a few batches at a time and retries while another
-replica holds a batch's lock; whatever it gives up on, the sweeper finds later.
+It runs `finalization.finalize_each` a few groups at a time: the batches one flush
+completed go together, with any that queued while every slot was busy, in one
+statement. It retries the batches whose lock another replica holds; whatever it gives
+up on, the sweeper finds later.
 """
 
 from __future__ import annotations
@@ -14,12 +16,14 @@ import structlog
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 from reconciler.database import Database
-from reconciler.errors import RetryableError
-from reconciler.finalization import Outcome, finalize
+from reconciler.errors import RetryableError, TerminalError
+from reconciler.finalization import Outcome, Trigger, finalize_each
 
 log = structlog.get_logger("reconciler.finalizer")
 
 FINALIZE_CONCURRENCY: Final = 8
+# Batches per statement: a group waits for its slowest batch, so keep it small.
+FINALIZE_GROUP_MAX: Final = 16
 BUSY_RETRY_DELAY_S: Final = 0.05
 BUSY_RETRY_MAX_DELAY_S: Final = 2.0
 BUSY_RETRY_LIMIT: Final = 20
@@ -27,12 +31,13 @@ BUSY_RETRY_LIMIT: Final = 20
 
 @dataclass(frozen=True, slots=True)
 class FinalizeRequest:
-    batch_id: str
-    trigger: str = "event"
+    """Batches whose last file was just recorded (trigger `event`)."""
+
+    batch_ids: tuple[str, ...]
 
 
 class Finalizer:
-    """Finalizes the batches it is told about, a few at a time, retrying busy locks."""
+    """Finalizes the batches it is told about, a few groups at a time, retrying busy locks."""
 
     name = "finalizer"
 
@@ -50,28 +55,48 @@ class Finalizer:
         async with anyio.create_task_group() as tg:
             async for request in self._requests:
                 await self._slots.acquire()
-                tg.start_soon(self._settle, request)
+                tg.start_soon(self._settle, self._joined(request))
 
-    async def _settle(self, request: FinalizeRequest) -> None:
+    def _joined(self, first: FinalizeRequest) -> list[str]:
+        """The request's batches, with those of requests already waiting, up to a group."""
+        batch_ids = dict.fromkeys(first.batch_ids)
+        while len(batch_ids) < FINALIZE_GROUP_MAX:
+            try:
+                batch_ids.update(dict.fromkeys(self._requests.receive_nowait().batch_ids))
+            except (anyio.WouldBlock, anyio.EndOfStream):
+                break
+        return list(batch_ids)
+
+    async def _settle(self, batch_ids: list[str]) -> None:
         try:
-            await self._settle_with_retries(request)
+            await self._settle_with_retries(batch_ids)
         finally:
             self._slots.release()
 
-    async def _settle_with_retries(self, request: FinalizeRequest) -> None:
+    async def _settle_with_retries(self, batch_ids: list[str]) -> None:
         delay = BUSY_RETRY_DELAY_S
+        waiting = batch_ids
         for _ in range(BUSY_RETRY_LIMIT):
             try:
-                result = await finalize(self._db, request.batch_id, request.trigger)
+                results = await finalize_each(self._db, waiting, Trigger.EVENT)
             except RetryableError as exc:
                 log.warning(
                     "finalization_failed",
-                    batch_id=request.batch_id, trigger=request.trigger, error=str(exc),
+                    batch_ids=waiting, trigger=Trigger.EVENT.value, error=str(exc),
                 )  # fmt: skip
+            except TerminalError:
+                if len(waiting) == 1:
+                    raise
+                # One batch Postgres refuses must not hold back the others: each alone.
+                for batch_id in waiting:
+                    await self._settle_with_retries([batch_id])
+                return
             else:
-                if result.outcome is not Outcome.BUSY:
+                waiting = [r.batch_id for r in results if r.outcome is Outcome.BUSY]
+                if not waiting:
                     return
             await anyio.sleep(delay)
             delay = min(delay * 2, BUSY_RETRY_MAX_DELAY_S)
-        # The sweeper finds it on its next pass: deferred, not dropped.
-        log.warning("finalization_deferred", batch_id=request.batch_id, trigger=request.trigger)
+        # The sweeper finds them on its next pass: deferred, not dropped.
+        for batch_id in waiting:
+            log.warning("finalization_deferred", batch_id=batch_id, trigger=Trigger.EVENT.value)
