@@ -12,7 +12,7 @@ from reconciler.actors.monitor import Monitor
 from reconciler.actors.sweeper import Sweeper
 from reconciler.app import Ports, Role
 from reconciler.config import Settings
-from reconciler.finalization import Outcome, finalize
+from reconciler.finalization import Outcome, finalize, finalize_each
 from reconciler.reasons import TIMED_OUT as TIMED_OUT_REASON
 from tests.helpers import (
     age_pending_job,
@@ -99,6 +99,39 @@ async def test_busy_lock_is_reported_not_dropped(settings: Settings, ports: Port
         await holder.close()
     assert busy.outcome is Outcome.BUSY
     assert (await finalize(ports.db, submitted.batch_id, "event")).outcome is Outcome.FINALIZED
+
+
+async def test_a_group_finalizes_each_batch_on_its_own(settings: Settings, ports: Ports) -> None:
+    """One statement for three batches: the complete one finalizes, the one whose lock is
+    held answers BUSY, the unfinished one NOT_READY, each in the order given."""
+    import asyncpg
+
+    done, locked, unfinished = [await submit(ports, files(2)) for _ in range(3)]
+    for batch in (done, locked):
+        await record(ports, batch.batch_id, ["f00000", "f00001"])
+    await record(ports, unfinished.batch_id, ["f00000"])
+    ids = [done.batch_id, locked.batch_id, unfinished.batch_id]
+    holder = await asyncpg.connect(settings.database_url)
+    try:
+        async with holder.transaction():
+            await holder.execute(
+                "SELECT pg_advisory_xact_lock(hashtextextended('reconciler.batch:' || $1, 0))",
+                locked.batch_id,
+            )
+            results = await finalize_each(ports.db, ids, "event")
+    finally:
+        await holder.close()
+    assert [(r.batch_id, r.outcome) for r in results] == [
+        (done.batch_id, Outcome.FINALIZED),
+        (locked.batch_id, Outcome.BUSY),
+        (unfinished.batch_id, Outcome.NOT_READY),
+    ]
+    assert await summary_of(ports, done.batch_id) is not None
+    assert await summary_of(ports, locked.batch_id) is None
+    again = await finalize_each(ports.db, ids, "event")
+    assert [r.outcome for r in again] == [
+        Outcome.ALREADY_FINALIZED, Outcome.FINALIZED, Outcome.NOT_READY,
+    ]  # fmt: skip
 
 
 async def test_file_of_dead_worker_is_reclaimed_and_batch_finalizes(
