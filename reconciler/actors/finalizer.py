@@ -87,9 +87,7 @@ class Finalizer:
             except TerminalError:
                 if len(waiting) == 1:
                     raise
-                # One batch Postgres refuses must not hold back the others: each alone.
-                for batch_id in waiting:
-                    await self._settle_with_retries([batch_id])
+                await self._settle_alone(waiting)
                 return
             else:
                 waiting = [r.batch_id for r in results if r.outcome is Outcome.BUSY]
@@ -100,3 +98,15 @@ class Finalizer:
         # The sweeper finds them on its next pass: deferred, not dropped.
         for batch_id in waiting:
             log.warning("finalization_deferred", batch_id=batch_id, trigger=Trigger.EVENT.value)
+
+    async def _settle_alone(self, batch_ids: list[str]) -> None:
+        """Each batch on its own: one Postgres refuses must not hold back the others.
+        The first refusal is raised once every other batch has had its turn."""
+        refused: TerminalError | None = None
+        for batch_id in batch_ids:
+            try:
+                await self._settle_with_retries([batch_id])
+            except TerminalError as exc:
+                refused = refused or exc
+        if refused is not None:
+            raise refused

@@ -5,13 +5,16 @@ from __future__ import annotations
 from dataclasses import replace
 
 import anyio
+import pytest
 from prometheus_client import REGISTRY
 
 from reconciler import batches, metrics
+from reconciler.actors.finalizer import Finalizer, FinalizeRequest
 from reconciler.actors.monitor import Monitor
 from reconciler.actors.sweeper import Sweeper
 from reconciler.app import Ports, Role
 from reconciler.config import Settings
+from reconciler.errors import TerminalError
 from reconciler.finalization import Outcome, finalize, finalize_each
 from reconciler.reasons import TIMED_OUT as TIMED_OUT_REASON
 from tests.helpers import (
@@ -273,3 +276,18 @@ async def test_explain_names_the_blocking_files(settings: Settings, ports: Ports
     assert holds["every_file_terminal"] is False and holds["not_finalized"] is True
     assert [f["file_id"] for f in report["blocking_files"]] == ["f00001"]
     assert report["verdict"] == "waiting for 1 file(s) to finish"
+
+
+async def test_a_group_postgres_refuses_is_finalized_batch_by_batch(ports: Ports) -> None:
+    """A batch id Postgres cannot take fails its group's statement: the finalizer then
+    finalizes the others alone and raises the refusal (the supervisor's to restart)."""
+    good = await submit(ports, files(1))
+    await record(ports, good.batch_id, ["f00000"])
+    send, receive = anyio.create_memory_object_stream[FinalizeRequest](4)
+    with send, receive:
+        await send.send(FinalizeRequest(("refused\x00", good.batch_id)))
+        with pytest.raises(BaseExceptionGroup) as raised, anyio.fail_after(10):
+            await Finalizer(ports.db, receive).run()
+    refused, rest = raised.value.split(TerminalError)
+    assert refused is not None and rest is None, raised.value
+    assert await summary_of(ports, good.batch_id) is not None
