@@ -31,6 +31,10 @@ LANES: Final = int(os.environ.get("RECONCILER_FAULTS_LANES", "8"))
 REPORT_ENV: Final = "RECONCILER_FAULTS_REPORT"
 SEED: Final = int(os.environ.get("RECONCILER_FAULTS_SEED", "20240611"))
 SHOWN_VIOLATIONS: Final = 20
+# Clean runs that count the calls, the median one kept: a clean run the host stalls makes
+# more periodic calls (a sweeper pass every 0.2 s) and once counted 292 calls where runs
+# count 109-114, which made the sweep 2.7 times longer (it outlived its timeout in CI).
+CLEAN_RUNS: Final = 3
 
 
 @dataclass
@@ -114,12 +118,17 @@ async def run_specs(lanes: list[Lane], specs: list[RunSpec], result: SweepResult
 
 
 async def sweep(services: Endpoints, template: str) -> SweepResult:
-    """The clean run, then every fault point in every mode, LANES runs at a time."""
+    """The clean runs, then every fault point in every mode, LANES runs at a time."""
     started = time.monotonic()
     with captured_logs():
         async with open_lanes(services, template, LANES) as lanes:
-            clean = await run_one(lanes[0], RunSpec("clean"))
-            result = SweepResult("long" if LONG else "short", clean.plan.calls, clean)
+            cleans = sorted(
+                [await run_one(lanes[0], RunSpec("clean")) for _ in range(CLEAN_RUNS)],
+                key=lambda run: run.plan.calls,
+            )
+            clean = cleans[len(cleans) // 2]
+            others = [run for run in cleans if run is not clean]  # checked like any run
+            result = SweepResult("long" if LONG else "short", clean.plan.calls, clean, others)
             await run_specs(lanes, sweep_specs(result.calls, LONG), result)
             await run_specs(lanes, missed_specs(result), result)
     result.wall_s = time.monotonic() - started

@@ -1,8 +1,9 @@
 """The fault-point sweep: every port call of a small scenario fails once, in each mode.
 
-A clean run counts the calls (C); then each N in 1..C fails in `error`, `lost` and
-`crash` mode, and every run must leave the invariants of tests/faults/invariants.py
-holding. RECONCILER_FAULTS_LONG=1 adds a second, later fault to every run.
+Three clean runs count the calls (C, the median); then each N in 1..C fails in
+`error`, `lost` and `crash` mode, and every run must leave the invariants of
+tests/faults/invariants.py holding. RECONCILER_FAULTS_LONG=1 adds a second, later fault
+to every run.
 """
 
 from __future__ import annotations
