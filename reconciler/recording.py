@@ -202,7 +202,8 @@ class Recorder:
             tg.start_soon(self._settle_each, to_settle)
             async with written:
                 while group := await items.take(self._settings.flush_interval_s):
-                    await written.send(await self._flush(group))
+                    if settles := await self._flush(group):  # not a flush of starts only
+                        await written.send(settles)
 
     async def _flush(self, items: list[Item]) -> list[Settle]:
         """Writes a flush's attempts and outcomes; returns its deliveries to settle."""

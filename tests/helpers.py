@@ -109,3 +109,12 @@ async def finalized(settings: Settings, batch_id: str) -> bool:
         batch_id,
     )
     return bool(rows and rows[0][0])
+
+
+@asynccontextmanager
+async def lock_held(ports: Ports, batch_id: str) -> AsyncIterator[None]:
+    """Holds the batch's finalization lock in a transaction of its own, as another
+    replica's finalizer would, for the block."""
+    async with ports.db.transaction() as tx:
+        await tx.fetchval("lock_batch", batch_id)
+        yield

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import asyncpg
 import httpx
 
 from reconciler.app import Ports, Role
 from reconciler.config import Settings
 from reconciler.summary_cache import SummaryCache
 from tests.api.served import assert_error, body, serving
-from tests.helpers import files, record, sql, wait_for
+from tests.helpers import files, lock_held, record, sql, wait_for
 
 
 async def _summary_ready(http: httpx.AsyncClient, batch_id: str) -> httpx.Response | None:
@@ -83,16 +82,8 @@ async def test_summary_is_202_while_another_replica_holds_the_lock(
     async with serving(settings, ports, Role.API) as api:
         await api.http.post("/api/batches", json=body(files(1), batch_id="locked"))
         await record(ports, "locked", ["f00000"])
-        holder = await asyncpg.connect(settings.database_url)
-        try:
-            async with holder.transaction():
-                await holder.execute(
-                    "SELECT pg_advisory_xact_lock(hashtextextended('reconciler.batch:' || $1, 0))",
-                    "locked",
-                )
-                busy = await api.http.get("/api/batches/locked/summary")
-        finally:
-            await holder.close()
+        async with lock_held(ports, "locked"):
+            busy = await api.http.get("/api/batches/locked/summary")
         released = await api.http.get("/api/batches/locked/summary")
     assert busy.status_code == 202, busy.text
     assert "retry-after" in busy.headers

@@ -20,6 +20,7 @@ from reconciler.reasons import TIMED_OUT as TIMED_OUT_REASON
 from tests.helpers import (
     age_pending_job,
     files,
+    lock_held,
     record,
     running,
     sql,
@@ -84,46 +85,26 @@ async def test_racing_finalizers_write_one_summary(settings: Settings, ports: Po
     assert again.outcome is Outcome.ALREADY_FINALIZED
 
 
-async def test_busy_lock_is_reported_not_dropped(settings: Settings, ports: Ports) -> None:
+async def test_busy_lock_is_reported_not_dropped(ports: Ports) -> None:
     """While another transaction holds the batch's lock, finalize answers BUSY."""
-    import asyncpg
-
     submitted = await submit(ports, files(1))
     await record(ports, submitted.batch_id, ["f00000"])
-    holder = await asyncpg.connect(settings.database_url)
-    try:
-        async with holder.transaction():
-            await holder.execute(
-                "SELECT pg_advisory_xact_lock(hashtextextended('reconciler.batch:' || $1, 0))",
-                submitted.batch_id,
-            )
-            busy = await finalize(ports.db, submitted.batch_id, "event")
-    finally:
-        await holder.close()
+    async with lock_held(ports, submitted.batch_id):
+        busy = await finalize(ports.db, submitted.batch_id, "event")
     assert busy.outcome is Outcome.BUSY
     assert (await finalize(ports.db, submitted.batch_id, "event")).outcome is Outcome.FINALIZED
 
 
-async def test_a_group_finalizes_each_batch_on_its_own(settings: Settings, ports: Ports) -> None:
+async def test_a_group_finalizes_each_batch_on_its_own(ports: Ports) -> None:
     """One statement for three batches: the complete one finalizes, the one whose lock is
     held answers BUSY, the unfinished one NOT_READY, each in the order given."""
-    import asyncpg
-
     done, locked, unfinished = [await submit(ports, files(2)) for _ in range(3)]
     for batch in (done, locked):
         await record(ports, batch.batch_id, ["f00000", "f00001"])
     await record(ports, unfinished.batch_id, ["f00000"])
     ids = [done.batch_id, locked.batch_id, unfinished.batch_id]
-    holder = await asyncpg.connect(settings.database_url)
-    try:
-        async with holder.transaction():
-            await holder.execute(
-                "SELECT pg_advisory_xact_lock(hashtextextended('reconciler.batch:' || $1, 0))",
-                locked.batch_id,
-            )
-            results = await finalize_each(ports.db, ids, "event")
-    finally:
-        await holder.close()
+    async with lock_held(ports, locked.batch_id):
+        results = await finalize_each(ports.db, ids, "event")
     assert [(r.batch_id, r.outcome) for r in results] == [
         (done.batch_id, Outcome.FINALIZED),
         (locked.batch_id, Outcome.BUSY),
