@@ -108,13 +108,15 @@ class Service:
     def __post_init__(self) -> None:
         wants = {self.role} if self.role is not Role.ALL else set(Role)
         self.actors.append(Monitor(self.settings, self.ports.db, self.ports.queue))
-        if Role.WORKER in wants:
-            self._add_worker()
-        if Role.SWEEPER in wants:
-            self.actors.append(Sweeper(self.settings, self.ports.db, self.ports.queue))
+        deliverer = None
         if wants & {Role.WORKER, Role.SWEEPER}:
             # Completion callbacks go out from every role that does background work.
             deliverer = Deliverer(self.settings, self.ports.db, self.ports.notifications)
+        if Role.WORKER in wants:
+            self._add_worker(deliverer)
+        if Role.SWEEPER in wants:
+            self.actors.append(Sweeper(self.settings, self.ports.db, self.ports.queue))
+        if deliverer is not None:
             self.actors.append(deliverer)
         ports = self.ports
         self.api = Api(
@@ -122,7 +124,7 @@ class Service:
             batches_api=Role.API in wants, notifications=ports.notifications,
         )  # fmt: skip
 
-    def _add_worker(self) -> None:
+    def _add_worker(self, deliverer: Deliverer | None) -> None:
         completed_send, completed_recv = anyio.create_memory_object_stream[Completed](
             PROGRESS_BUFFER
         )
@@ -141,7 +143,7 @@ class Service:
         self.actors += [
             self.consumer,
             CompletionDetector(completed_recv, requests_send),
-            Finalizer(db, requests_recv),
+            Finalizer(db, requests_recv, handoff=deliverer),
         ]
 
     async def serve(self) -> None:

@@ -24,6 +24,7 @@ from reconciler.database import Database, Row, Session
 
 log = structlog.get_logger("reconciler.delivery")
 
+FINALIZED_TYPE: Final = "batch.finalized"
 RETRY_MAX_DELAY_S: Final = 3600.0
 THROTTLED_FACTOR: Final = 2.0  # a 429 without Retry-After waits twice the usual delay
 
@@ -117,6 +118,18 @@ async def claim(
     """Up to `limit` due deliveries, leased to `owner` for `lease_s` seconds."""
     rows = await db.fetch("claim_deliveries", owner, limit, lease_s, with_hook)
     return [_claimed(row) for row in rows]
+
+
+def handed(row: Row, batch_id: str, replica: str) -> list[Claimed]:
+    """The deliveries a finalization wrote already claimed by `replica` (its `handed`
+    row, schema/0011_finalize_hands_off.sql): first attempts, as a claim would return."""
+    created_at = row["event_created_at"].isoformat()
+    event = Event(row["event_id"], FINALIZED_TYPE, batch_id, created_at, row["event_data"])
+    webhooks = [(d["delivery_id"], d["webhook_id"], d["url"], d["secret"]) for d in row["handed"]]
+    return [
+        Claimed(delivery_id, Sink.WEBHOOK, 1, event, replica, webhook_id, url, secret)
+        for delivery_id, webhook_id, url, secret in webhooks
+    ]
 
 
 def _claimed(row: Row) -> Claimed:

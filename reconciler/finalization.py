@@ -2,18 +2,18 @@
 
 `finalize` re-reads the batch under a transaction-level advisory lock and decides, in
 one round trip: the decision is the SQL function `reconciler_finalize`
-(schema/0009_finalize_function.sql), which takes the lock, reads the batch under it and
-writes the summary, the event and its deliveries. The trigger that woke it (event,
-sweep, demand, deadline) is only a label. The finalizer actor, the sweeper, the HTTP
-API and submission all call it. An operator's cancel (`finalize_now`) goes through the
-same decision, inside the caller's transaction.
+(schema/0011_finalize_hands_off.sql, first written in 0009), which takes the lock, reads
+the batch under it and writes the summary, the event and its deliveries. The trigger
+that woke it (event, sweep, demand, deadline) is only a label. The finalizer actor, the
+sweeper, the HTTP API and submission all call it. An operator's cancel (`finalize_now`)
+goes through the same decision, inside the caller's transaction.
 """
 
 from __future__ import annotations
 
 import enum
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final
 
 import structlog
@@ -46,12 +46,25 @@ class Outcome(enum.StrEnum):
 
 
 @dataclass(frozen=True, slots=True)
+class Handing:
+    """Deliveries a finalization hands to this replica's delivery actor: up to
+    `per_batch` webhook deliveries of each batch it finalizes, written already claimed by
+    `replica` for `lease_s` seconds (schema/0011_finalize_hands_off.sql)."""
+
+    replica: str
+    per_batch: int
+    lease_s: float
+
+
+@dataclass(frozen=True, slots=True)
 class FinalizeResult:
     outcome: Outcome
     batch_id: str
     trigger: str
     status: str | None = None
     latency_s: float | None = None
+    # The row, when it handed deliveries: the event and each delivery's webhook and secret.
+    handed: Row | None = field(default=None, repr=False)
 
 
 async def finalize(db: Database, batch_id: str, trigger: str) -> FinalizeResult:
@@ -61,20 +74,23 @@ async def finalize(db: Database, batch_id: str, trigger: str) -> FinalizeResult:
 
 
 async def finalize_each(
-    db: Database, batch_ids: Sequence[str], trigger: str
+    db: Database, batch_ids: Sequence[str], trigger: str, handing: Handing | None = None
 ) -> list[FinalizeResult]:
     """`finalize` for each batch, in one round trip and one commit.
 
     Each decision is still its batch's own (its lock, its state read under it); only
     the statement and the transaction are shared, which costs Postgres a quarter less
     per batch for two batches and 40 % less for four. A batch whose lock is held
-    answers `busy` without holding back the others.
+    answers `busy` without holding back the others. With `handing`, the deliveries it
+    hands over come back in each result's `handed`.
     """
     log.debug("finalization_called", batch_ids=list(batch_ids), trigger=trigger)
+    hand = (handing.replica, handing.per_batch, handing.lease_s) if handing else (None,) * 3
     try:
         rows = await db.fetch(
-            "finalize", list(batch_ids), trigger, reasons.TIMED_OUT, None, MAX_ERROR_GROUPS
-        )
+            "finalize", list(batch_ids), trigger, reasons.TIMED_OUT, None, MAX_ERROR_GROUPS,
+            *hand,
+        )  # fmt: skip
     except RetryableError:
         metrics.FINALIZATIONS.labels(trigger, "error").inc(len(batch_ids))
         raise
@@ -91,8 +107,9 @@ async def finalize_now(tx: Session, batch_id: str) -> FinalizeResult:
     await tx.fetchval("lock_batch", batch_id)
     trigger = Trigger.OPERATOR
     (row,) = await tx.fetch(
-        "finalize", [batch_id], trigger, reasons.TIMED_OUT, reasons.CANCELLED, MAX_ERROR_GROUPS
-    )
+        "finalize", [batch_id], trigger, reasons.TIMED_OUT, reasons.CANCELLED, MAX_ERROR_GROUPS,
+        None, None, None,
+    )  # fmt: skip
     return _result(row, batch_id, trigger)
 
 
@@ -111,7 +128,9 @@ def _result(row: Row | None, batch_id: str, trigger: str) -> FinalizeResult:
     if outcome is not Outcome.FINALIZED:
         return FinalizeResult(outcome, batch_id, trigger, row["status"])
     log.info("aggregation_finished", batch_id=batch_id, trigger=trigger)
-    return FinalizeResult(outcome, batch_id, trigger, row["status"], float(row["latency_s"]))
+    handed = row if row["handed"] is not None else None
+    latency_s = float(row["latency_s"])
+    return FinalizeResult(outcome, batch_id, trigger, row["status"], latency_s, handed)
 
 
 def observe(result: FinalizeResult) -> None:

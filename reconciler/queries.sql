@@ -138,14 +138,17 @@ FROM batches WHERE batch_id = $1 FOR UPDATE;
 
 -- name: finalize
 -- Finalizes each of batches $1 that the database says is done, one after the other in
--- one statement (schema/0009_finalize_function.sql: each under its own lock, from its own
+-- one statement (schema/0011_finalize_hands_off.sql: each under its own lock, from its own
 -- state): $2 trigger, $3 the reason past-deadline files fail with, $4 the reason
 -- unfinished files fail with now (an operator's cancel) or null, $5 how many error
--- groups to keep. One row per batch, in the order given.
+-- groups to keep; up to $7 webhook deliveries of each finalized batch are handed to
+-- replica $6, claimed for $8 seconds (none when $6 is null). One row per batch, in the
+-- order given.
 SELECT b.batch_id, f.outcome, f.status, f.total_files, f.files_succeeded, f.files_failed,
-       f.files_remaining, f.latency_s
+       f.files_remaining, f.latency_s, f.event_id, f.event_created_at, f.event_data,
+       f.handed
 FROM unnest($1::text[]) WITH ORDINALITY AS b (batch_id, pos),
-     LATERAL reconciler_finalize(b.batch_id, $2, $3, $4, $5) f
+     LATERAL reconciler_finalize(b.batch_id, $2, $3, $4, $5, $6, $7, $8) f
 ORDER BY b.pos;
 
 -- name: get_summary

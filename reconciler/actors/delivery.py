@@ -5,6 +5,11 @@ under a lease (so no two replicas attempt the same one at once), makes a few att
 at a time, and settles each: a failure through `delivery.settle_failed`, a 2xx in a
 group (`Settler`: one statement records every 2xx of a short window). A replica that
 dies mid-attempt leaves its lease to run out, and another tries again.
+
+The replica's finalizer hands it deliveries too: with a slot reserved per batch
+(`handing`), the finalizing statement writes a batch's webhook delivery already claimed
+by this replica and returns it, and `take` starts its attempt: no claim statement, no
+wait for the NOTIFY. Those go through the same attempt and settling as claimed ones.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import os
 import secrets
 import socket
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Final
@@ -25,6 +31,7 @@ from reconciler.config import Settings
 from reconciler.database import Database
 from reconciler.delivery import Attempt, Claimed, Schedule, Sink
 from reconciler.errors import RetryableError
+from reconciler.finalization import FinalizeResult, Handing
 from reconciler.notifications import Kind, Notifications, Watch
 from reconciler.retry import persist
 from reconciler.sinks import HookCaller, WebhookSender, http_client, load_hook
@@ -40,6 +47,8 @@ RELEASE_TIMEOUT_S: Final = 2.0
 CLAIM_WINDOW_S: Final = 0.01
 # Delivered attempts settled together: the first of a group waits this long for others.
 SETTLE_WINDOW_S: Final = 0.02
+# Webhook deliveries a finalization hands over per batch; more webhooks go by the claim.
+HAND_PER_BATCH: Final = 1
 
 
 def lease_s(settings: Settings) -> float:
@@ -59,9 +68,10 @@ class Deliverer:
         self._schedule = Schedule(settings.delivery_backoff_s, settings.delivery_max_age_s)
         hook = load_hook(settings.on_finalized) if settings.on_finalized else None
         self._hook = HookCaller(hook, settings.delivery_timeout_s) if hook else None
-        self._busy = 0
+        self._busy = 0  # attempts running, and slots reserved for handed deliveries
         self._wakeup = Watch()  # replaced by the notifications' watch while running
         self._settler = Settler(db, SETTLE_WINDOW_S, DELIVERY_CONCURRENCY)
+        self._running: tuple[TaskGroup, WebhookSender] | None = None
 
     async def run(self) -> None:
         if self._settings.on_finalized:
@@ -73,9 +83,40 @@ class Deliverer:
             due = self._notifications.watch(kinds=(Kind.FINALIZED,), accept=_fanned_out)
             with due as self._wakeup:
                 async with anyio.create_task_group() as tg:
-                    while True:
-                        if not await self._start_due(tg, sender):
-                            await self._idle()
+                    self._running = tg, sender
+                    try:
+                        while True:
+                            if not await self._start_due(tg, sender):
+                                await self._idle()
+                    finally:
+                        self._running = None
+
+    def handing(self, batches: int) -> Handing | None:
+        """Reserves the slots for what finalizing `batches` here may hand over; None when
+        they are not free or the actor is not running (their deliveries go by the claim).
+        Every reservation ends in `take`."""
+        wanted = batches * HAND_PER_BATCH
+        if self._running is None or DELIVERY_CONCURRENCY - self._busy < wanted:
+            return None
+        self._busy += wanted
+        return Handing(self._owner, HAND_PER_BATCH, lease_s(self._settings))
+
+    def take(self, handing: Handing, batches: int, results: Sequence[FinalizeResult]) -> None:
+        """Starts an attempt for each delivery the finalization handed over and frees the
+        slots it did not use. Stopped meanwhile, it starts none: their leases run out."""
+        claimed = [
+            item
+            for result in results
+            if result.handed is not None
+            for item in delivery.handed(result.handed, result.batch_id, handing.replica)
+        ]
+        running = self._running
+        started = claimed if running is not None else []
+        for item in started:
+            assert running is not None
+            tg, sender = running
+            tg.start_soon(self._attempt, item, sender)
+        self._free(batches * handing.per_batch - len(started))
 
     async def _start_due(self, tg: TaskGroup, sender: WebhookSender) -> bool:
         """Claims as many due deliveries as there are free slots and starts them; True
@@ -118,9 +159,13 @@ class Deliverer:
                 await self._release(claimed)
             raise
         finally:
-            self._busy -= 1
-            if self._busy == DELIVERY_CONCURRENCY - 1:
-                self._wakeup.wake()  # every slot was taken: claim again now
+            self._free(1)
+
+    def _free(self, slots: int) -> None:
+        full = self._busy >= DELIVERY_CONCURRENCY
+        self._busy -= slots
+        if full and self._busy < DELIVERY_CONCURRENCY:
+            self._wakeup.wake()  # every slot was taken: claim again now
 
     async def _release(self, claimed: Claimed) -> None:
         """On a stop, lets another replica retry now rather than when the lease runs out."""

@@ -3,13 +3,15 @@
 It runs `finalization.finalize_each` a few groups at a time: the batches one flush
 completed go together, with any that queued while every slot was busy, in one
 statement. It retries the batches whose lock another replica holds; whatever it gives
-up on, the sweeper finds later.
+up on, the sweeper finds later. When the replica's delivery actor has the slots free,
+the statement hands it the webhook deliveries of the batches it finalizes (`Handoff`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Protocol
 
 import anyio
 import structlog
@@ -17,7 +19,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream
 
 from reconciler.database import Database
 from reconciler.errors import RetryableError, TerminalError
-from reconciler.finalization import Outcome, Trigger, finalize_each
+from reconciler.finalization import FinalizeResult, Handing, Outcome, Trigger, finalize_each
 
 log = structlog.get_logger("reconciler.finalizer")
 
@@ -36,6 +38,14 @@ class FinalizeRequest:
     batch_ids: tuple[str, ...]
 
 
+class Handoff(Protocol):
+    """Where finalized batches' deliveries go without a claim: the delivery actor."""
+
+    def handing(self, batches: int) -> Handing | None: ...
+
+    def take(self, handing: Handing, batches: int, results: Sequence[FinalizeResult]) -> None: ...
+
+
 class Finalizer:
     """Finalizes the batches it is told about, a few groups at a time, retrying busy locks."""
 
@@ -46,10 +56,12 @@ class Finalizer:
         db: Database,
         requests: MemoryObjectReceiveStream[FinalizeRequest],
         concurrency: int = FINALIZE_CONCURRENCY,
+        handoff: Handoff | None = None,
     ) -> None:
         self._db = db
         self._requests = requests
         self._slots = anyio.Semaphore(concurrency)
+        self._handoff = handoff
 
     async def run(self) -> None:
         async with anyio.create_task_group() as tg:
@@ -78,7 +90,7 @@ class Finalizer:
         waiting = batch_ids
         for _ in range(BUSY_RETRY_LIMIT):
             try:
-                results = await finalize_each(self._db, waiting, Trigger.EVENT)
+                results = await self._finalize(waiting)
             except RetryableError as exc:
                 log.warning(
                     "finalization_failed",
@@ -98,6 +110,18 @@ class Finalizer:
         # The sweeper finds them on its next pass: deferred, not dropped.
         for batch_id in waiting:
             log.warning("finalization_deferred", batch_id=batch_id, trigger=Trigger.EVENT.value)
+
+    async def _finalize(self, batch_ids: list[str]) -> list[FinalizeResult]:
+        handoff = self._handoff
+        handing = handoff.handing(len(batch_ids)) if handoff is not None else None
+        if handoff is None or handing is None:
+            return await finalize_each(self._db, batch_ids, Trigger.EVENT)
+        results: list[FinalizeResult] = []
+        try:
+            results = await finalize_each(self._db, batch_ids, Trigger.EVENT, handing)
+            return results
+        finally:
+            handoff.take(handing, len(batch_ids), results)
 
     async def _settle_alone(self, batch_ids: list[str]) -> None:
         """Each batch on its own: one Postgres refuses must not hold back the others.

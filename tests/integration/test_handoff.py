@@ -1,0 +1,110 @@
+"""Finalization hands a batch's webhook delivery to the replica's delivery actor, claimed."""
+
+from __future__ import annotations
+
+import json
+
+import anyio
+import asyncpg
+
+from reconciler import delivery
+from reconciler.actors.delivery import DELIVERY_CONCURRENCY, Deliverer
+from reconciler.app import Ports
+from reconciler.config import Settings
+from reconciler.finalization import Handing, Outcome, Trigger, finalize_each
+from tests.delivery_support import attempts_of, fast, settled, subscribe
+from tests.helpers import files, record, sql, submit, wait_for
+from tests.receiver import always, receiving
+
+
+async def _complete_batch(ports: Ports, count: int = 2) -> str:
+    """A batch whose files have all succeeded, not finalized yet."""
+    specs = files(count)
+    batch = await submit(ports, specs)
+    await record(ports, batch.batch_id, [spec.file_id for spec in specs])
+    return batch.batch_id
+
+
+async def test_one_webhook_delivery_per_batch_is_written_claimed_and_returned(
+    settings: Settings, ports: Ports
+) -> None:
+    """Of three webhooks (one paused) the first ready one is handed over, claimed by the
+    replica; the others are left due, and the NOTIFY counts only those."""
+    urls = {
+        await subscribe(ports, f"http://127.0.0.1:9/{name}", "whsec_" + name * 32): name
+        for name in "ABC"
+    }
+    paused, *ready = sorted(urls, key=lambda webhook_id: urls[webhook_id] != "B")
+    ready.sort()
+    url = settings.database_url or ""
+    pause = "UPDATE webhooks SET paused_until = now() + interval '1 hour' WHERE webhook_id = $1"
+    await sql(url, pause, paused)
+    batch_id = await _complete_batch(ports)
+    notified: list[dict[str, int]] = []
+    listener = await asyncpg.connect(url)
+    await listener.add_listener(
+        "reconciler_finalized", lambda *args: notified.append(json.loads(args[3]))
+    )
+    try:
+        handing = Handing("r-1", 1, 30.0)
+        (result,) = await finalize_each(ports.db, [batch_id], Trigger.EVENT, handing)
+        await wait_for(lambda: _true(bool(notified)), what="the finalized NOTIFY")
+    finally:
+        await listener.close()
+    assert result.outcome is Outcome.FINALIZED and result.handed is not None
+    (claimed,) = delivery.handed(result.handed, batch_id, "r-1")
+    assert (claimed.webhook_id, claimed.attempt, claimed.replica) == (ready[0], 1, "r-1")
+    assert claimed.url == f"http://127.0.0.1:9/{urls[ready[0]]}"
+    assert claimed.event.batch_id == batch_id and claimed.event.data["files_succeeded"] == 2
+    rows = await sql(
+        url,
+        "SELECT webhook_id, attempts, claimed_by, next_attempt_at > now() + interval '20 s'"
+        " FROM deliveries ORDER BY webhook_id",
+    )
+    by_webhook = {row[0]: tuple(row[1:]) for row in rows}
+    assert by_webhook[ready[0]] == (1, "r-1", True)
+    assert by_webhook[ready[1]] == (0, None, False)
+    assert by_webhook[paused] == (0, None, False)
+    assert notified[0]["deliveries"] == 2, "only the deliveries left due wake a claim"
+
+
+async def test_without_handing_nothing_is_claimed(settings: Settings, ports: Ports) -> None:
+    await subscribe(ports, "http://127.0.0.1:9/a", "whsec_" + "A" * 32)
+    batch_id = await _complete_batch(ports)
+    (result,) = await finalize_each(ports.db, [batch_id], Trigger.EVENT)
+    assert result.outcome is Outcome.FINALIZED and result.handed is None
+    rows = await sql(settings.database_url or "", "SELECT attempts, claimed_by FROM deliveries")
+    assert [tuple(row) for row in rows] == [(0, None)]
+
+
+async def test_a_handed_delivery_is_posted_without_a_claim_or_a_wake_up(
+    settings: Settings, ports: Ports
+) -> None:
+    """The delivery actor polls once an hour and hears no NOTIFY here: only the handed
+    delivery can reach the receiver. Reserved slots come back whatever was handed."""
+    tuned = fast(settings, delivery_poll_interval_s=3600.0)
+    deliverer = Deliverer(tuned, ports.db)
+    with receiving(always(200)) as receiver:
+        await subscribe(ports, receiver.url, receiver.secret)
+        batch_ids = [await _complete_batch(ports) for _ in range(2)]
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(deliverer.run)
+            await wait_for(lambda: _true(deliverer.handing(0) is not None), what="running")
+            assert deliverer.handing(DELIVERY_CONCURRENCY + 1) is None, "more than the slots"
+            handing = deliverer.handing(2)
+            assert handing is not None
+            assert deliverer.handing(DELIVERY_CONCURRENCY - 1) is None, "two slots reserved"
+            results = await finalize_each(ports.db, batch_ids[:1], Trigger.EVENT, handing)
+            deliverer.take(handing, 2, results)  # one delivery handed, one slot unused
+            await wait_for(lambda: settled(tuned, batch_ids[0], "delivered"), what="delivered")
+            spare = deliverer.handing(DELIVERY_CONCURRENCY)
+            assert spare is not None, "every slot free again once the attempt settled"
+            deliverer.take(spare, DELIVERY_CONCURRENCY, [])
+            tg.cancel_scope.cancel()
+    assert [r.payload["data"]["batch_id"] for r in receiver.received] == batch_ids[:1]
+    (attempt,) = await attempts_of(ports, batch_ids[0])
+    assert (attempt["attempt"], attempt["status_code"], attempt["delivered"]) == (1, 200, True)
+
+
+async def _true(value: bool) -> bool:
+    return value
