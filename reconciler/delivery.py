@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+import orjson
 import structlog
 
 from reconciler import metrics
@@ -53,9 +54,14 @@ class Event:
     data: dict[str, Any]
 
     def body(self) -> bytes:
-        """The exact bytes posted and signed: the Standard Webhooks payload."""
+        """The exact bytes posted and signed: the Standard Webhooks payload, compact
+        JSON with sorted keys (orjson: a tenth of the standard library's time)."""
         payload = {"type": self.type, "timestamp": self.timestamp, "data": self.data}
-        return json.dumps(payload, separators=(",", ":"), sort_keys=True).encode()
+        try:
+            return orjson.dumps(payload, option=orjson.OPT_SORT_KEYS)
+        except orjson.JSONEncodeError:  # an integer past 64 bits, which orjson refuses
+            text = json.dumps(payload, separators=(",", ":"), sort_keys=True, ensure_ascii=False)
+            return text.encode()
 
 
 @dataclass(frozen=True, slots=True)

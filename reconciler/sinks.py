@@ -49,13 +49,15 @@ class WebhookSender:
     def __init__(self, http: aiohttp.ClientSession, timeout_s: float) -> None:
         self._http = http
         self._timeout_s = timeout_s
+        # aiohttp's total covers connecting, sending and reading the answer's body; an
+        # anyio deadline around the POST cost a sixth of its CPU.
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
 
     async def send(self, claimed: Claimed) -> Attempt:
         started = time.perf_counter()
         url = claimed.url or ""
         try:
-            with anyio.fail_after(self._timeout_s):
-                status, retry_after, excerpt = await self._post(url, claimed)
+            status, retry_after, excerpt = await self._post(url, claimed)
         except TimeoutError:
             return Attempt(False, _since(started), error=f"timed out after {self._timeout_s:g} s")
         except aiohttp.ClientError as exc:  # InvalidURL among them
@@ -67,7 +69,9 @@ class WebhookSender:
     async def _post(self, url: str, claimed: Claimed) -> tuple[int, str | None, bytes]:
         body = claimed.event.body()
         headers = signed_headers(claimed, body, int(time.time()))
-        post = self._http.post(url, data=body, headers=headers, allow_redirects=False)
+        post = self._http.post(
+            url, data=body, headers=headers, allow_redirects=False, timeout=self._timeout
+        )
         async with post as response:
             excerpt = await _read_capped(response)
             return response.status, response.headers.get("retry-after"), excerpt

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import hmac
 import ipaddress
 import secrets
@@ -50,7 +49,7 @@ def secret_key(secret: str) -> bytes:
 def sign(secret: str, event_id: str, timestamp: int, body: bytes) -> str:
     """The `webhook-signature` header: `v1,` and the base64 HMAC-SHA256 of id.ts.body."""
     signed = f"{event_id}.{timestamp}.".encode() + body
-    digest = hmac.new(secret_key(secret), signed, hashlib.sha256).digest()
+    digest = hmac.digest(secret_key(secret), signed, "sha256")
     return "v1," + base64.b64encode(digest).decode()
 
 

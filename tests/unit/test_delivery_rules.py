@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 
 import pytest
 from standardwebhooks.webhooks import Webhook
@@ -70,6 +71,25 @@ def test_signature_verifies_with_the_standard_webhooks_library() -> None:
     payload = Webhook(secret).verify(event.body(), headers)
     assert payload == {"type": "batch.finalized", "timestamp": event.timestamp, "data": {"n": 1.5}}
     assert secret not in repr(claimed)
+
+
+BODY_DATA = [
+    {"b": [1, 2.5, None], "a": {"z": True, "y": "d\u00e9j\u00e0 \u2713"}},
+    {"total": 2**64 + 1, "é": -(2**63)},  # past 64 bits: orjson refuses, json writes it
+]
+
+
+@pytest.mark.parametrize("data", BODY_DATA)
+def test_the_body_is_compact_json_with_sorted_keys_that_reads_back_as_sent(
+    data: dict[str, object],
+) -> None:
+    body = Event("evt_1", "batch.finalized", "b1", "2025-01-01T00:00:00+00:00", data).body()
+    payload = {"type": "batch.finalized", "timestamp": "2025-01-01T00:00:00+00:00", "data": data}
+    assert json.loads(body) == payload
+    assert (
+        body
+        == json.dumps(payload, separators=(",", ":"), sort_keys=True, ensure_ascii=False).encode()
+    )
 
 
 @pytest.mark.parametrize("secret", ["whsec_short", "nope_" + "A" * 32, "whsec_***"])
