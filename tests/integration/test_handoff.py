@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import anyio
 import asyncpg
 
 from reconciler import delivery
 from reconciler.actors.delivery import DELIVERY_CONCURRENCY, Deliverer
+from reconciler.actors.finalizer import Finalizer, FinalizeRequest
 from reconciler.app import Ports
 from reconciler.config import Settings
+from reconciler.database import Database, Row
+from reconciler.errors import RetryableError
 from reconciler.finalization import Handing, Outcome, Trigger, finalize_each
 from tests.delivery_support import attempts_of, fast, settled, subscribe
-from tests.helpers import files, record, sql, submit, wait_for
+from tests.helpers import files, finalized, record, sql, submit, wait_for
 from tests.receiver import always, receiving
 
 
@@ -104,6 +108,62 @@ async def test_a_handed_delivery_is_posted_without_a_claim_or_a_wake_up(
     assert [r.payload["data"]["batch_id"] for r in receiver.received] == batch_ids[:1]
     (attempt,) = await attempts_of(ports, batch_ids[0])
     assert (attempt["attempt"], attempt["status_code"], attempt["delivered"]) == (1, 200, True)
+
+
+class LosesFirstFinalizeReply(Database):
+    """The real pool; the first `finalize` statement commits, then its reply is lost."""
+
+    def __init__(self, real: Database) -> None:
+        self.__dict__.update(vars(real))
+        self.lost = False
+
+    async def fetch(self, name: str, *args: Any) -> list[Row]:
+        rows = await super().fetch(name, *args)
+        if name == "finalize" and not self.lost:
+            self.lost = True
+            raise RetryableError("postgres: ConnectionResetError: the reply was lost")
+        return rows
+
+
+async def test_a_reply_lost_after_the_commit_leaves_the_delivery_to_its_lease(
+    settings: Settings, ports: Ports
+) -> None:
+    """The finalizer never sees what it was handed: the slot comes back, the delivery
+    stays claimed until its lease runs out, then a claim delivers it, once."""
+    tuned = fast(settings)
+    deliverer = Deliverer(tuned, ports.db)
+    lossy = LosesFirstFinalizeReply(ports.db)
+    send, receive = anyio.create_memory_object_stream[FinalizeRequest](4)
+    url = settings.database_url or ""
+    claimed_rows = "SELECT attempts, claimed_by IS NOT NULL FROM deliveries"
+    with receiving(always(200)) as receiver:
+        await subscribe(ports, receiver.url, receiver.secret)
+        batch_id = await _complete_batch(ports)
+        with send, receive:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(deliverer.run)
+                await wait_for(lambda: _true(deliverer.handing(0) is not None), what="running")
+                tg.start_soon(Finalizer(lossy, receive, handoff=deliverer).run)
+                await send.send(FinalizeRequest((batch_id,)))
+                await wait_for(lambda: finalized(tuned, batch_id), what="finalized")
+                spare = await wait_for(
+                    lambda: _true_value(deliverer.handing(DELIVERY_CONCURRENCY)), what="slots back"
+                )
+                deliverer.take(spare, DELIVERY_CONCURRENCY, [])
+                assert lossy.lost
+                assert [tuple(r) for r in await sql(url, claimed_rows)] == [(1, True)]
+                assert receiver.received == [], "nothing posted while the lease holds"
+                # The lease running out, without waiting 30 s for it:
+                await sql(url, "UPDATE deliveries SET next_attempt_at = now()")
+                await wait_for(lambda: settled(tuned, batch_id, "delivered"), what="delivered")
+                tg.cancel_scope.cancel()
+    assert len(receiver.received) == 1
+    (attempt,) = await attempts_of(ports, batch_id)
+    assert (attempt["attempt"], attempt["delivered"]) == (2, True), "the claim's attempt"
+
+
+async def _true_value(value: Handing | None) -> Handing | None:
+    return value
 
 
 async def _true(value: bool) -> bool:
