@@ -18,6 +18,7 @@ import structlog
 
 from reconciler import batches
 from reconciler.database import Database, Row
+from reconciler.delivery import FINALIZED_TYPE
 from reconciler.errors import BatchNotFound, RetryableError
 from reconciler.notifications import Kind, Notifications, Watch
 
@@ -29,7 +30,6 @@ OWED_RECHECK_S: Final = 0.02  # an announced event not yet readable in commit or
 OWED_MAX_S: Final = 1.0  # then the safety-net re-read takes over
 PAGE_SIZE: Final = 100
 PING: Final = ": ping\n\n"
-FINALIZED_TYPE: Final = "batch.finalized"
 
 
 def frame(event: str, data: Any, event_id: str | None = None) -> str:
