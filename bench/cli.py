@@ -20,6 +20,7 @@ import anyio
 from bench import (
     baseline,
     peer,
+    post,
     profiling,
     submission,
     summary_http,
@@ -80,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     _wait_args(
         sub.add_parser("wait", parents=[common], help="Client.wait return after finalization")
     )
+    posting = sub.add_parser("post", help="CPU per webhook POST to the local receiver")
+    posting.add_argument("--posts", type=int, default=post.POSTS, help="per round")
+    posting.add_argument("--concurrency", type=int, default=post.CONCURRENCY)
+    posting.add_argument("--rounds", type=int, default=post.ROUNDS)
     flame = sub.add_parser("flame", help="top functions of a py-spy raw profile")
     flame.add_argument("stacks", type=Path)
     flame.add_argument("--top", type=int, default=25)
@@ -281,6 +286,10 @@ async def _wait(args: argparse.Namespace, server: Server) -> dict[str, Any]:
     return await wait_latency.run(server, options)
 
 
+async def _post(args: argparse.Namespace, _: Server) -> dict[str, Any]:
+    return await post.run(post.PostOptions(args.posts, args.concurrency, args.rounds))
+
+
 async def _flame(args: argparse.Namespace, _: Server) -> dict[str, Any]:
     return {"benchmark": "flame", **profiling.summarize(args.stacks, args.top, args.focus)}
 
@@ -295,6 +304,7 @@ COMMANDS: Final[dict[str, Command]] = {
     "versus-bullmq": _versus,
     "webhook": _webhook,
     "wait": _wait,
+    "post": _post,
     "flame": _flame,
 }
 

@@ -114,3 +114,10 @@ def test_wait_returns_after_each_finalization(services: Endpoints, tmp_path: Pat
     assert (result["rounds"], result["listen"], result["checks"]["ok"]) == (3, True, True)
     assert result["delivery_latency_ms"]["n"] == 3
     assert {"p50", "p99", "min", "max"} <= result["latency_ms"].keys()
+
+
+def test_post_counts_every_answered_post(services: Endpoints) -> None:
+    """post: every POST of every round is answered, and a CPU figure per round."""
+    result = bench(services, "post", "--posts", "30", "--rounds", "2", "--concurrency", "4")
+    assert result["checks"] == {"delivered": 110, "wanted": 110, "ok": True}
+    assert len(result["cpu_us_per_post"]) == 2 and result["cpu_us_per_post_median"] > 0
