@@ -131,10 +131,9 @@ def handed(row: Row, batch_id: str, replica: str) -> list[Claimed]:
     row, schema/0011_finalize_hands_off.sql): first attempts, as a claim would return."""
     created_at = row["event_created_at"].isoformat()
     event = Event(row["event_id"], FINALIZED_TYPE, batch_id, created_at, row["event_data"])
-    webhooks = [(d["delivery_id"], d["webhook_id"], d["url"], d["secret"]) for d in row["handed"]]
     return [
-        Claimed(delivery_id, Sink.WEBHOOK, 1, event, replica, webhook_id, url, secret)
-        for delivery_id, webhook_id, url, secret in webhooks
+        Claimed(d["delivery_id"], Sink.WEBHOOK, 1, event, replica, **_webhook(d))
+        for d in row["handed"]
     ]
 
 
@@ -142,9 +141,13 @@ def _claimed(row: Row) -> Claimed:
     event = Event(
         row["event_id"], row["type"], row["batch_id"], row["created_at"].isoformat(), row["data"]
     )
-    webhook = {key: row[key] for key in ("webhook_id", "url", "secret")}
     number, replica = row["attempt"], row["claimed_by"]
-    return Claimed(row["delivery_id"], Sink(row["sink"]), number, event, replica, **webhook)
+    return Claimed(row["delivery_id"], Sink(row["sink"]), number, event, replica, **_webhook(row))
+
+
+def _webhook(found: Row) -> dict[str, Any]:
+    """The webhook an attempt posts to (None for the hook), and its secret."""
+    return {key: found[key] for key in ("webhook_id", "url", "secret")}
 
 
 async def release(db: Database, claimed: Claimed) -> None:

@@ -85,12 +85,8 @@ async def finalize_each(
     hands over come back in each result's `handed`.
     """
     log.debug("finalization_called", batch_ids=list(batch_ids), trigger=trigger)
-    hand = (handing.replica, handing.per_batch, handing.lease_s) if handing else (None,) * 3
     try:
-        rows = await db.fetch(
-            "finalize", list(batch_ids), trigger, reasons.TIMED_OUT, None, MAX_ERROR_GROUPS,
-            *hand,
-        )  # fmt: skip
+        rows = await db.fetch("finalize", *_arguments(batch_ids, trigger, None, handing))
     except RetryableError:
         metrics.FINALIZATIONS.labels(trigger, "error").inc(len(batch_ids))
         raise
@@ -106,11 +102,19 @@ async def finalize_now(tx: Session, batch_id: str) -> FinalizeResult:
     """
     await tx.fetchval("lock_batch", batch_id)
     trigger = Trigger.OPERATOR
-    (row,) = await tx.fetch(
-        "finalize", [batch_id], trigger, reasons.TIMED_OUT, reasons.CANCELLED, MAX_ERROR_GROUPS,
-        None, None, None,
-    )  # fmt: skip
+    (row,) = await tx.fetch("finalize", *_arguments([batch_id], trigger, reasons.CANCELLED))
     return _result(row, batch_id, trigger)
+
+
+def _arguments(
+    batch_ids: Sequence[str],
+    trigger: str,
+    cancel_reason: str | None,
+    handing: Handing | None = None,
+) -> tuple[object, ...]:
+    """The `finalize` statement's parameters, in its order."""
+    hand = (handing.replica, handing.per_batch, handing.lease_s) if handing else (None,) * 3
+    return (list(batch_ids), trigger, reasons.TIMED_OUT, cancel_reason, MAX_ERROR_GROUPS, *hand)
 
 
 def _result(row: Row | None, batch_id: str, trigger: str) -> FinalizeResult:

@@ -8,6 +8,8 @@
 -- attempt, the lease runs out and any replica claims the row. The NOTIFY counts only the
 -- deliveries left due. Both new parameters default to NULL: a five-argument call (a
 -- replica of the previous version during a rolling upgrade) hands nothing.
+-- The body is 0009's but for the event's fan-out and the returned columns: Postgres
+-- replaces a function whole, so the migration states it whole.
 
 DROP FUNCTION reconciler_finalize(text, text, text, text, integer);
 

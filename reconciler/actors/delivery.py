@@ -104,19 +104,20 @@ class Deliverer:
     def take(self, handing: Handing, batches: int, results: Sequence[FinalizeResult]) -> None:
         """Starts an attempt for each delivery the finalization handed over and frees the
         slots it did not use. Stopped meanwhile, it starts none: their leases run out."""
+        reserved = batches * handing.per_batch
+        if self._running is None:
+            self._free(reserved)
+            return
+        tg, sender = self._running
         claimed = [
             item
             for result in results
             if result.handed is not None
             for item in delivery.handed(result.handed, result.batch_id, handing.replica)
         ]
-        running = self._running
-        started = claimed if running is not None else []
-        for item in started:
-            assert running is not None
-            tg, sender = running
+        for item in claimed:
             tg.start_soon(self._attempt, item, sender)
-        self._free(batches * handing.per_batch - len(started))
+        self._free(reserved - len(claimed))
 
     async def _start_due(self, tg: TaskGroup, sender: WebhookSender) -> bool:
         """Claims as many due deliveries as there are free slots and starts them; True
