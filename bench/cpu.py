@@ -56,11 +56,16 @@ class CpuMeter:
         busy, total = _host()
         redis = _optional_s(self._redis_pid)
         receiver, receiver0 = _optional_s(self._receiver_pid), self._receiver_start
+        start = self._backends_start
         postgres = sum(
-            v - self._backends_start.get(pid, 0.0) for pid, v in self._backends_last.items()
+            v[0] - start.get(pid, (0.0, 0.0))[0] for pid, v in self._backends_last.items()
+        )
+        postgres_sys = sum(
+            v[1] - start.get(pid, (0.0, 0.0))[1] for pid, v in self._backends_last.items()
         )
         return {
             "postgres_s": round(postgres, 3),
+            "postgres_sys_s": round(postgres_sys, 3),
             "redis_s": None if redis is None or redis0 is None else round(redis - redis0, 3),
             "harness_s": round(_harness_s() - harness0, 3),
             "receiver_s": None
@@ -72,12 +77,13 @@ class CpuMeter:
             else 0.0,
         }
 
-    def _backends(self) -> dict[int, float]:
-        """CPU seconds of each live backend of the database. A process's title is read
-        until it says what the process is, then remembered: a backend serves one
+    def _backends(self) -> dict[int, tuple[float, float]]:
+        """CPU seconds (all, and of them in the kernel) of each live backend of the
+        database. A process's title is read until it says what the process is, then
+        remembered: a backend serves one
         database for life, and the polls run every 0.1 s while the run uses the host
         (reading every title on each poll cost 2.4 ms)."""
-        found: dict[int, float] = {}
+        found: dict[int, tuple[float, float]] = {}
         for name in os.listdir("/proc"):
             if not name.isdigit():
                 continue
@@ -87,9 +93,10 @@ class CpuMeter:
                 backend = self._is_backend(pid)
                 if backend is not None:
                     self._seen[pid] = backend
-            seconds = _optional_s(pid) if backend else None
-            if seconds is not None:
-                found[pid] = seconds
+            stat = _stat(pid) if backend else None
+            if stat is not None:
+                user, sys = int(stat[11]) / _ticks(), int(stat[12]) / _ticks()
+                found[pid] = (user + sys, sys)
         return found
 
     def _is_backend(self, pid: int) -> bool | None:
