@@ -70,6 +70,83 @@ async def test_async_handler_timeout() -> None:
     assert (done.ok, done.error) == (False, "timed out")
 
 
+async def test_each_attempt_is_cut_at_its_own_deadline() -> None:
+    """One timer serves every running attempt: an attempt that ended leaves it armed
+    for a later one, which is cut at its own deadline, not earlier; attempts that hang
+    together are all cut, and one that returns in time is not."""
+    import anyio
+
+    timeout_s = 0.2
+
+    async def hang(job: FileJob) -> None:
+        if job.file_id != "quick":
+            await anyio.sleep_forever()
+
+    run = _Run(hang, 1, timeout_s)
+    assert (await run.execute(FileJob("b", "quick", "/x"))).ok  # arms the timer
+    await anyio.sleep(timeout_s / 2)
+    done: dict[str, Attempted] = {}
+
+    async def one(file_id: str) -> None:
+        done[file_id] = await run.execute(FileJob("b", file_id, "/x"))
+
+    with anyio.fail_after(5):  # an attempt the timer missed would hang forever
+        async with anyio.create_task_group() as tg:
+            for file_id in ("late-1", "late-2", "quick"):
+                tg.start_soon(one, file_id)
+    assert done["quick"].ok
+    for file_id in ("late-1", "late-2"):
+        late = done[file_id]
+        assert (late.ok, late.error) == (False, "timed out")
+        assert late.duration_s is not None and late.duration_s >= timeout_s
+
+
+async def test_a_stop_during_an_attempt_is_not_a_timeout() -> None:
+    """Cancelled from outside (a stop), the attempt ends with the cancellation, never with
+    a "timed out" failure, and the task's cancellation count is left as it was."""
+    import asyncio
+
+    import anyio
+
+    started = anyio.Event()
+
+    async def hang(job: FileJob) -> None:
+        started.set()
+        await anyio.sleep_forever()
+
+    results: list[Attempted] = []
+    async with anyio.create_task_group() as tg:
+
+        async def run() -> None:
+            results.append(await _executor(hang, attempts=1, timeout_s=30).execute(JOB))
+
+        tg.start_soon(run)
+        await started.wait()
+        tg.cancel_scope.cancel()
+    assert results == []
+    task = asyncio.current_task()
+    assert task is not None and task.cancelling() == 0
+
+
+async def test_a_handler_that_outlives_its_timer_leaves_no_cancellation_behind() -> None:
+    """A handler that swallows the timeout's cancellation and returns keeps its result,
+    and no cancellation is left pending for the worker's next await."""
+    import asyncio
+
+    async def stubborn(job: FileJob) -> str:
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            return "late"
+        return "on time"
+
+    done = await _executor(stubborn, attempts=1, timeout_s=0.05).execute(JOB)
+    assert (done.ok, done.result) == (True, '"late"')
+    task = asyncio.current_task()
+    assert task is not None and task.cancelling() == 0
+    await asyncio.sleep(0)  # would raise CancelledError if a cancellation were pending
+
+
 async def test_sync_handler_timeout_abandons_its_thread() -> None:
     """A blocking handler is cut at the timeout; its thread is left to finish alone."""
     import threading
