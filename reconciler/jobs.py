@@ -40,7 +40,10 @@ class FileJob:
     attempt: int = 1
 
     def with_attempt(self, attempt: int) -> FileJob:
-        """The same file at another attempt (cheaper than `dataclasses.replace`)."""
+        """The same file at another attempt (cheaper than `dataclasses.replace`); itself
+        when it is that attempt already, as a file's first attempt is when decoded."""
+        if attempt == self.attempt:
+            return self
         return FileJob(self.batch_id, self.file_id, self.uri, self.payload, attempt)
 
 

@@ -165,3 +165,12 @@ JSON_VALUES = st.recursive(
 def test_loads_is_json_loads_for_any_payload(payload: object) -> None:
     raw = jobs.encode("b1", "f1", "mem://x", payload)[jobs.JOB_FIELD].encode()
     assert _loaded(raw) == _parsed(raw)
+
+
+def test_with_attempt_copies_only_to_change_the_attempt() -> None:
+    """The first attempt is the decoded job itself; another attempt is a copy with only
+    the attempt changed."""
+    job = jobs.decode({b"job": b'{"batch_id":"b","file_id":"f","uri":"u","payload":{"k":1}}'})
+    assert job.with_attempt(1) is job
+    assert job.with_attempt(2) == jobs.FileJob("b", "f", "u", {"k": 1}, 2)
+    assert job.attempt == 1
