@@ -52,8 +52,8 @@ class CpuMeter:
     def usage(self) -> dict[str, float | None]:
         """CPU seconds of each program since the start; host busy seconds and share."""
         self.poll()
-        (busy0, total0), harness0, redis0 = self._start
-        busy, total = _host()
+        (busy0, steal0, total0), harness0, redis0 = self._start
+        busy, steal, total = _host()
         redis = _optional_s(self._redis_pid)
         receiver, receiver0 = _optional_s(self._receiver_pid), self._receiver_start
         start = self._backends_start
@@ -72,6 +72,7 @@ class CpuMeter:
             if receiver is None or receiver0 is None
             else round(receiver - receiver0, 3),
             "host_busy_s": round(busy - busy0, 3),
+            "host_steal_s": round(steal - steal0, 3),
             "host_busy_pct": round(100 * (busy - busy0) / (total - total0), 1)
             if total > total0
             else 0.0,
@@ -134,11 +135,19 @@ def _optional_s(pid: int | None) -> float | None:
     return None if stat is None else (int(stat[11]) + int(stat[12])) / _ticks()
 
 
-def _host() -> tuple[float, float]:
-    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    total = sum(fields[:8])  # guest time is already counted in user
-    idle = fields[3] + fields[4]
-    return (total - idle) / _ticks(), total / _ticks()
+def _host() -> tuple[float, float, float]:
+    return host_times(Path("/proc/stat").read_text(), _ticks())
+
+
+def host_times(stat: str, ticks: int) -> tuple[float, float, float]:
+    """Busy, stolen and total CPU seconds of the host from /proc/stat's first line.
+    Steal (the eighth field) is time the hypervisor gave to something else: a virtual
+    CPU waiting for its host is neither busy here nor idle. Guest time is already
+    counted in user."""
+    fields = [int(v) for v in stat.split("\n", 1)[0].split()[1:9]]
+    total = sum(fields)
+    idle, steal = fields[3] + fields[4], fields[7]
+    return (total - idle - steal) / ticks, steal / ticks, total / ticks
 
 
 def _harness_s() -> float:

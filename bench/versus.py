@@ -75,6 +75,7 @@ def ours_summary(result: dict[str, Any]) -> dict[str, Any]:
     """The figures of one `throughput` run that have a counterpart on the peer's side."""
     return {
         **_shared(result, result["cpu"]["host_busy_pct"], result["cpu"]["others_s"]),
+        "host_steal_s": result["cpu"].get("host_steal_s"),
         "ok": bool(result["checks"]["ok"]),
         "checks": result["checks"],
         "logs": result["logs"],
@@ -86,6 +87,7 @@ def peer_summary(result: dict[str, Any]) -> dict[str, Any]:
     cpu = result["cpu_s"]
     return {
         **_shared(result, cpu["host_busy_pct"], _others_s(cpu)),
+        "host_steal_s": cpu.get("host_steal_s"),
         "ok": bool(result["checks"]["ok"]) and result["exit_code"] == 0,
         "checks": result["checks"],
         "bullmq": result["bullmq"],

@@ -76,22 +76,30 @@ function cpuS(pid, clockTicks) {
   }
 }
 
-// Busy and total CPU seconds of the host so far, from /proc/stat (guest is in user).
+// Busy, stolen and total CPU seconds of the host so far, from /proc/stat (guest is in
+// user). Steal is time the hypervisor ran something else: neither busy here nor idle.
 function hostS(clockTicks) {
   try {
     const first = fs.readFileSync('/proc/stat', 'utf8').split('\n', 1)[0];
     const fields = first.split(/\s+/).slice(1, 9).map(Number);
     const total = fields.reduce((a, b) => a + b, 0);
-    return { busy: (total - fields[3] - fields[4]) / clockTicks, total: total / clockTicks };
+    const busy = total - fields[3] - fields[4] - fields[7];
+    return { busy: busy / clockTicks, steal: fields[7] / clockTicks, total: total / clockTicks };
   } catch {
     return null;
   }
 }
 
 function hostBusy(before, after) {
-  if (!before || !after || after.total <= before.total) return { busy_s: null, busy_pct: null };
+  if (!before || !after || after.total <= before.total) {
+    return { busy_s: null, busy_pct: null, steal_s: null };
+  }
   const busy = after.busy - before.busy;
-  return { busy_s: round(busy), busy_pct: round((100 * busy) / (after.total - before.total), 1) };
+  return {
+    busy_s: round(busy),
+    busy_pct: round((100 * busy) / (after.total - before.total), 1),
+    steal_s: round(after.steal - before.steal),
+  };
 }
 
 async function redisPid(admin) {
@@ -294,6 +302,7 @@ function figures(opts, tally, seen, deleted) {
       redis: round(seen.cpuS.redis),
       host_busy_s: seen.host.busy_s,
       host_busy_pct: seen.host.busy_pct,
+      host_steal_s: seen.host.steal_s,
     },
     cpu_us_per_file: { node: perFile(seen.cpuS.node), redis: perFile(seen.cpuS.redis) },
     peak_rss_mb: round(process.resourceUsage().maxRSS / 1024, 1),

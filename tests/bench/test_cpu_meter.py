@@ -6,7 +6,7 @@ from urllib.parse import urlsplit
 
 import asyncpg
 
-from bench.cpu import CpuMeter
+from bench.cpu import CpuMeter, host_times
 
 
 async def test_backends_of_the_run_database_are_counted_and_others_not(
@@ -26,3 +26,11 @@ async def test_backends_of_the_run_database_are_counted_and_others_not(
     assert pid in meter.backend_pids
     assert pid not in other.backend_pids
     assert meter.usage()["postgres_s"] is not None
+
+
+def test_stolen_time_is_neither_busy_nor_idle() -> None:
+    """/proc/stat's first line: user nice system idle iowait irq softirq steal guest...;
+    busy is everything but idle, iowait and steal, and steal is reported on its own."""
+    stat = "cpu  100 10 50 700 40 5 5 90 20 0\ncpu0 1 2 3 4 5 6 7 8 9 0\n"
+    busy, steal, total = host_times(stat, 10)
+    assert (busy, steal, total) == (17.0, 9.0, 100.0)
