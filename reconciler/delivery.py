@@ -155,6 +155,11 @@ async def release(db: Database, claimed: Claimed) -> None:
     await db.execute("release_delivery", claimed.delivery_id, claimed.attempt)
 
 
+async def release_unanswered(db: Database, batch_ids: Sequence[str], replica: str) -> int:
+    """Frees what a finalization whose reply was lost handed to `replica`; how many."""
+    return len(await db.fetch("release_unanswered", list(batch_ids), replica))
+
+
 async def settle_failed(
     db: Database, claimed: Claimed, attempt: Attempt, schedule: Schedule
 ) -> Outcome:

@@ -453,6 +453,16 @@ ORDER BY d.delivery_id;
 UPDATE deliveries SET next_attempt_at = now(), claimed_by = NULL
 WHERE delivery_id = $1 AND attempts = $2 AND state = 'pending';
 
+-- name: release_unanswered
+-- Batches $1 were finalized by a statement whose reply replica $2 never got: the
+-- webhook deliveries it handed to $2 (claimed, first attempt counted, none made) are due
+-- again at once for any replica, as after a stop, instead of when their lease runs out.
+UPDATE deliveries d SET next_attempt_at = now(), claimed_by = NULL
+FROM events e
+WHERE e.batch_id = ANY($1::text[]) AND d.event_id = e.event_id
+  AND d.claimed_by = $2 AND d.attempts = 1 AND d.state = 'pending'
+RETURNING d.delivery_id;
+
 -- name: lock_batch
 -- Waits for batch $1's advisory lock (the one finalization tries), held to commit.
 SELECT pg_advisory_xact_lock(hashtextextended('reconciler.batch:' || $1, 0));

@@ -10,6 +10,8 @@ The replica's finalizer hands it deliveries too: with a slot reserved per batch
 (`handing`), the finalizing statement writes a batch's webhook delivery already claimed
 by this replica and returns it, and `take` starts its attempt: no claim statement, no
 wait for the NOTIFY. Those go through the same attempt and settling as claimed ones.
+When the statement's reply is lost after its commit, the finalizer's retry finds the
+batches finalized and `release_unanswered` frees their deliveries for a claim.
 """
 
 from __future__ import annotations
@@ -118,6 +120,19 @@ class Deliverer:
         for item in claimed:
             tg.start_soon(self._attempt, item, sender)
         self._free(reserved - len(claimed))
+
+    async def release_unanswered(self, handing: Handing, batch_ids: Sequence[str]) -> None:
+        """The finalization that handed these batches' deliveries lost its reply, and a
+        retry found them finalized: nothing here attempts those deliveries, so they are
+        freed for a claim now rather than when their lease runs out. If that fails, the
+        lease still runs out."""
+        try:
+            released = await delivery.release_unanswered(self._db, batch_ids, handing.replica)
+        except RetryableError as exc:
+            log.warning("delivery_release_failed", error=str(exc))
+            return
+        if released:
+            self._wakeup.wake()
 
     async def _start_due(self, tg: TaskGroup, sender: WebhookSender) -> bool:
         """Claims as many due deliveries as there are free slots and starts them; True

@@ -9,7 +9,7 @@ import anyio
 import asyncpg
 
 from reconciler import delivery
-from reconciler.actors.delivery import DELIVERY_CONCURRENCY, Deliverer
+from reconciler.actors.delivery import DELIVERY_CONCURRENCY, Deliverer, lease_s
 from reconciler.actors.finalizer import Finalizer, FinalizeRequest
 from reconciler.app import Ports
 from reconciler.config import Settings
@@ -17,7 +17,7 @@ from reconciler.database import Database, Row
 from reconciler.errors import RetryableError
 from reconciler.finalization import Handing, Outcome, Trigger, finalize_each
 from tests.delivery_support import attempts_of, fast, settled, subscribe
-from tests.helpers import files, finalized, record, sql, submit, wait_for
+from tests.helpers import DEFAULT_TIMEOUT_S, files, record, sql, submit, wait_for
 from tests.receiver import always, receiving
 
 
@@ -125,17 +125,17 @@ class LosesFirstFinalizeReply(Database):
         return rows
 
 
-async def test_a_reply_lost_after_the_commit_leaves_the_delivery_to_its_lease(
+async def test_a_reply_lost_after_the_commit_frees_the_delivery_for_a_claim(
     settings: Settings, ports: Ports
 ) -> None:
-    """The finalizer never sees what it was handed: the slot comes back, the delivery
-    stays claimed until its lease runs out, then a claim delivers it, once."""
+    """The finalizer never sees what it was handed: the slot comes back, and its retry,
+    finding the batch finalized, frees the delivery; a claim delivers it once, long
+    before its 30 s lease would have run out."""
     tuned = fast(settings)
     deliverer = Deliverer(tuned, ports.db)
     lossy = LosesFirstFinalizeReply(ports.db)
     send, receive = anyio.create_memory_object_stream[FinalizeRequest](4)
-    url = settings.database_url or ""
-    claimed_rows = "SELECT attempts, claimed_by IS NOT NULL FROM deliveries"
+    assert lease_s(tuned) >= 30.0 > DEFAULT_TIMEOUT_S, "only a release delivers in time"
     with receiving(always(200)) as receiver:
         await subscribe(ports, receiver.url, receiver.secret)
         batch_id = await _complete_batch(ports)
@@ -145,21 +145,46 @@ async def test_a_reply_lost_after_the_commit_leaves_the_delivery_to_its_lease(
                 await wait_for(lambda: _true(deliverer.handing(0) is not None), what="running")
                 tg.start_soon(Finalizer(lossy, receive, handoff=deliverer).run)
                 await send.send(FinalizeRequest((batch_id,)))
-                await wait_for(lambda: finalized(tuned, batch_id), what="finalized")
+                await wait_for(lambda: settled(tuned, batch_id, "delivered"), what="delivered")
+                assert lossy.lost
                 spare = await wait_for(
                     lambda: _true_value(deliverer.handing(DELIVERY_CONCURRENCY)), what="slots back"
                 )
                 deliverer.take(spare, DELIVERY_CONCURRENCY, [])
-                assert lossy.lost
-                assert [tuple(r) for r in await sql(url, claimed_rows)] == [(1, True)]
-                assert receiver.received == [], "nothing posted while the lease holds"
-                # The lease running out, without waiting 30 s for it:
-                await sql(url, "UPDATE deliveries SET next_attempt_at = now()")
-                await wait_for(lambda: settled(tuned, batch_id, "delivered"), what="delivered")
                 tg.cancel_scope.cancel()
     assert len(receiver.received) == 1
     (attempt,) = await attempts_of(ports, batch_id)
     assert (attempt["attempt"], attempt["delivered"]) == (2, True), "the claim's attempt"
+
+
+async def test_only_the_lost_replys_handed_deliveries_are_freed(
+    settings: Settings, ports: Ports
+) -> None:
+    """The release names a replica and a first attempt: another replica's handed
+    delivery, and one already claimed again (attempt 2), keep their leases."""
+    url = settings.database_url or ""
+    webhook_id = await subscribe(ports, "https://example.com/hook", "whsec_" + "A" * 32)
+    mine, theirs, again = [await _complete_batch(ports) for _ in range(3)]
+    hand = Handing("replica-a", 1, 30.0)
+    await finalize_each(ports.db, [mine, again], Trigger.EVENT, hand)
+    await finalize_each(ports.db, [theirs], Trigger.EVENT, Handing("replica-b", 1, 30.0))
+    await sql(
+        url,
+        "UPDATE deliveries SET attempts = 2 FROM events e"
+        " WHERE deliveries.event_id = e.event_id AND e.batch_id = $1",
+        again,
+    )
+    released = await delivery.release_unanswered(ports.db, [mine, theirs, again], "replica-a")
+    assert released == 1
+    rows = await sql(
+        url,
+        "SELECT e.batch_id, d.claimed_by, d.next_attempt_at <= now() AS due"
+        " FROM deliveries d JOIN events e USING (event_id) WHERE d.webhook_id = $1",
+        webhook_id,
+    )
+    assert sorted(tuple(r) for r in rows) == sorted(
+        [(mine, None, True), (theirs, "replica-b", False), (again, "replica-a", False)]
+    )
 
 
 async def _true_value(value: Handing | None) -> Handing | None:
