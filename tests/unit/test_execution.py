@@ -103,9 +103,7 @@ async def test_each_attempt_is_cut_at_its_own_deadline() -> None:
 
 async def test_a_stop_during_an_attempt_is_not_a_timeout() -> None:
     """Cancelled from outside (a stop), the attempt ends with the cancellation, never with
-    a "timed out" failure, and the task's cancellation count is left as it was."""
-    import asyncio
-
+    a "timed out" failure."""
     import anyio
 
     started = anyio.Event()
@@ -123,9 +121,7 @@ async def test_a_stop_during_an_attempt_is_not_a_timeout() -> None:
         tg.start_soon(run)
         await started.wait()
         tg.cancel_scope.cancel()
-    assert results == []
-    task = asyncio.current_task()
-    assert task is not None and task.cancelling() == 0
+    assert results == [], "the stop's cancellation went on; no final word was made"
 
 
 async def test_a_handler_that_outlives_its_timer_leaves_no_cancellation_behind() -> None:
