@@ -81,9 +81,8 @@ class CpuMeter:
     def _backends(self) -> dict[int, tuple[float, float]]:
         """CPU seconds (all, and of them in the kernel) of each live backend of the
         database. A process's title is read until it says what the process is, then
-        remembered: a backend serves one
-        database for life, and the polls run every 0.1 s while the run uses the host
-        (reading every title on each poll cost 2.4 ms)."""
+        remembered: a backend serves one database for life, and the polls run every
+        0.1 s while the run uses the host (reading every title on each poll cost 2.4 ms)."""
         found: dict[int, tuple[float, float]] = {}
         for name in os.listdir("/proc"):
             if not name.isdigit():
@@ -96,8 +95,8 @@ class CpuMeter:
                     self._seen[pid] = backend
             stat = _stat(pid) if backend else None
             if stat is not None:
-                user, sys = int(stat[11]) / _ticks(), int(stat[12]) / _ticks()
-                found[pid] = (user + sys, sys)
+                user, kernel = int(stat[11]) / _ticks(), int(stat[12]) / _ticks()
+                found[pid] = (user + kernel, kernel)
         return found
 
     def _is_backend(self, pid: int) -> bool | None:
