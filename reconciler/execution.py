@@ -189,7 +189,6 @@ class Executor:
     def __init__(self, handler: Handler, *, timeout_s: float, max_attempts: int, threads: int):
         self._handler = handler
         self._async = is_async(handler)
-        self._timeout_s = timeout_s
         self._max_attempts = max_attempts
         self._threads = anyio.CapacityLimiter(threads)
         self._deadlines = Deadlines(timeout_s)

@@ -121,13 +121,13 @@ class Deliverer:
             tg.start_soon(self._attempt, item, sender)
         self._free(reserved - len(claimed))
 
-    async def release_unanswered(self, handing: Handing, batch_ids: Sequence[str]) -> None:
-        """The finalization that handed these batches' deliveries lost its reply, and a
-        retry found them finalized: nothing here attempts those deliveries, so they are
-        freed for a claim now rather than when their lease runs out. If that fails, the
-        lease still runs out."""
+    async def release_unanswered(self, batch_ids: Sequence[str]) -> None:
+        """The finalization that may have handed these batches' deliveries here lost its
+        reply, and a retry found them finalized: nothing here attempts those deliveries,
+        so they are freed for a claim now rather than when their lease runs out. If that
+        fails, the lease still runs out."""
         try:
-            released = await delivery.release_unanswered(self._db, batch_ids, handing.replica)
+            released = await delivery.release_unanswered(self._db, batch_ids, self._owner)
         except RetryableError as exc:
             log.warning("delivery_release_failed", error=str(exc))
             return

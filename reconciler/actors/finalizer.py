@@ -45,7 +45,7 @@ class Handoff(Protocol):
 
     def take(self, handing: Handing, batches: int, results: Sequence[FinalizeResult]) -> None: ...
 
-    async def release_unanswered(self, handing: Handing, batch_ids: Sequence[str]) -> None: ...
+    async def release_unanswered(self, batch_ids: Sequence[str]) -> None: ...
 
 
 class Finalizer:
@@ -90,11 +90,12 @@ class Finalizer:
     async def _settle_with_retries(self, batch_ids: list[str]) -> None:
         delay = BUSY_RETRY_DELAY_S
         waiting = batch_ids
-        unanswered: list[Handing] = []  # what calls that lost their reply may have handed
+        unanswered = False  # a call lost its reply: it may have committed, and handed over
         for _ in range(BUSY_RETRY_LIMIT):
             try:
-                results = await self._finalize(waiting, unanswered)
+                results = await self._finalize(waiting)
             except RetryableError as exc:
+                unanswered = True
                 log.warning(
                     "finalization_failed",
                     batch_ids=waiting, trigger=Trigger.EVENT.value, error=str(exc),
@@ -105,7 +106,9 @@ class Finalizer:
                 await self._settle_alone(waiting)
                 return
             else:
-                await self._release_unanswered(unanswered, results)
+                if unanswered:
+                    await self._release_unanswered(results)
+                    unanswered = False
                 waiting = [r.batch_id for r in results if r.outcome is Outcome.BUSY]
                 if not waiting:
                     return
@@ -115,9 +118,7 @@ class Finalizer:
         for batch_id in waiting:
             log.warning("finalization_deferred", batch_id=batch_id, trigger=Trigger.EVENT.value)
 
-    async def _finalize(
-        self, batch_ids: list[str], unanswered: list[Handing]
-    ) -> list[FinalizeResult]:
+    async def _finalize(self, batch_ids: list[str]) -> list[FinalizeResult]:
         handoff = self._handoff
         handing = handoff.handing(len(batch_ids)) if handoff is not None else None
         if handoff is None or handing is None:
@@ -126,22 +127,16 @@ class Finalizer:
         try:
             results = await finalize_each(self._db, batch_ids, Trigger.EVENT, handing)
             return results
-        except RetryableError:
-            unanswered.append(handing)  # it may have committed, and handed deliveries
-            raise
         finally:
             handoff.take(handing, len(batch_ids), results)
 
-    async def _release_unanswered(
-        self, unanswered: list[Handing], results: Sequence[FinalizeResult]
-    ) -> None:
+    async def _release_unanswered(self, results: Sequence[FinalizeResult]) -> None:
         """Batches found finalized after a call lost its reply: that call may be the one
-        that finalized them and handed their deliveries to nobody."""
+        that finalized them and handed their deliveries to nobody (if it handed nothing,
+        the release finds nothing)."""
         found = [r.batch_id for r in results if r.outcome is Outcome.ALREADY_FINALIZED]
-        if self._handoff is not None and unanswered and found:
-            # One replica's handings all name it: one release covers every lost reply.
-            await self._handoff.release_unanswered(unanswered[0], found)
-        unanswered.clear()
+        if self._handoff is not None and found:
+            await self._handoff.release_unanswered(found)
 
     async def _settle_alone(self, batch_ids: list[str]) -> None:
         """Each batch on its own: one Postgres refuses must not hold back the others.
