@@ -113,7 +113,10 @@ WITH input AS (
     SET files_succeeded = b.files_succeeded + c.ok, files_failed = b.files_failed + c.bad,
         last_file_completed_at = now()
     FROM counts c
-    WHERE b.batch_id = c.batch_id AND b.status = 'processing'
+    -- Unfinalized, said as `completed_at IS NULL` (the same, by the batches_check1
+    -- constraint) so no plan reaches the batches through the partial index of the
+    -- unfinalized ones: a cached plan that did read every unfinalized batch per flush.
+    WHERE b.batch_id = c.batch_id AND b.completed_at IS NULL
     RETURNING b.batch_id, b.total_files, b.files_succeeded, b.files_failed
 )
 -- NOTIFY is sent at commit: listeners wake once the new counts are visible.

@@ -1,0 +1,59 @@
+"""The hot statements reach their rows by key, in the plan a connection caches.
+
+A generic plan is made once per connection and kept, from whatever the statistics said
+then (fresh tables, or autovacuum off, say almost nothing). A plan that reads every
+unfinalized batch per flush costs more the longer the backlog, so each statement here
+is planned generically on tables never analyzed and must read only the rows it touches.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import asyncpg
+
+from reconciler.app import Ports
+from reconciler.config import Settings
+from reconciler.queries import QUERIES
+from tests.helpers import files, submit
+
+OPEN_BATCHES = 60
+
+
+def _scans(node: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    if "Relation Name" in node and "Scan" in node["Node Type"]:
+        yield node
+    for child in node.get("Plans", []):
+        yield from _scans(child)
+
+
+async def _rows_read(settings: Settings, query: str, *args: Any) -> dict[str, int]:
+    """Rows each table's scans returned when `query` ran with a generic plan (rolled back)."""
+    conn = await asyncpg.connect(settings.database_url or "")
+    try:
+        await conn.execute(QUERIES["session_settings"])
+        tx = conn.transaction()
+        await tx.start()
+        try:
+            await conn.execute("SET LOCAL plan_cache_mode = force_generic_plan")
+            text = await conn.fetchval("EXPLAIN (ANALYZE, FORMAT JSON) " + query, *args)
+        finally:
+            await tx.rollback()
+    finally:
+        await conn.close()
+    read: dict[str, int] = {}
+    for scan in _scans(json.loads(text)[0]["Plan"]):
+        rows = int(scan["Actual Rows"]) * int(scan["Actual Loops"])
+        read[scan["Relation Name"]] = read.get(scan["Relation Name"], 0) + rows
+    return read
+
+
+async def test_an_outcome_reads_only_its_own_batch(settings: Settings, ports: Ports) -> None:
+    """`record_outcomes` for one file of one batch, with many batches unfinalized: one
+    row of batch_files and one of batches, not one per unfinalized batch."""
+    ids = [(await submit(ports, files(2))).batch_id for _ in range(OPEN_BATCHES)]
+    args = ([ids[0]], ["f00000"], [True], [None], [None], [0.01], [1])
+    read = await _rows_read(settings, QUERIES["record_outcomes"], *args)
+    assert read == {"batch_files": 1, "batches": 1}, read
