@@ -20,7 +20,7 @@ from typing import Any, Final, TypeVar
 import structlog
 
 from reconciler import jobs, requeue
-from reconciler.database import Database, Row
+from reconciler.database import Database, Row, nulls_folded
 from reconciler.errors import BatchConflict, BatchNotFound, InvalidBatch
 from reconciler.finalization import Trigger, finalize
 from reconciler.queue import JobQueue
@@ -128,7 +128,9 @@ class NewBatch:
         return (
             [f.file_id for f in chunk],
             [f.uri for f in chunk],
-            [None if f.payload is None else jobs.payload_text(f.payload) for f in chunk],
+            nulls_folded(
+                [None if f.payload is None else jobs.payload_text(f.payload) for f in chunk]
+            ),
             enqueued,
         )
 

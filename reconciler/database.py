@@ -244,3 +244,9 @@ async def listening(
 def columns(rows: Sequence[Row], *names: str) -> tuple[list[Any], ...]:
     """Transposes rows into one list per column, for unnest() parameters."""
     return tuple([row[name] for row in rows] for name in names)
+
+
+def nulls_folded(column: list[Any]) -> list[Any] | None:
+    """A column of NULLs only, as one NULL array: a multi-argument unnest() pads it back
+    to NULLs, and asyncpg need not encode each element (two ABC checks per element)."""
+    return None if column.count(None) == len(column) else column

@@ -18,6 +18,7 @@ import anyio
 import structlog
 
 from reconciler import metrics
+from reconciler.database import nulls_folded
 from reconciler.handlers import Handler, is_async
 from reconciler.jobs import FileJob
 
@@ -49,14 +50,15 @@ class Attempted:
     attempts: int
 
 
-def outcome_columns(rows: Sequence[tuple[str, str, Attempted]]) -> tuple[list[Any], ...]:
-    """The parameters of the `record_outcomes` statement, one list per column."""
+def outcome_columns(rows: Sequence[tuple[str, str, Attempted]]) -> tuple[list[Any] | None, ...]:
+    """The parameters of the `record_outcomes` statement, one list per column (results
+    and errors as NULL when every one is: a fast batch of successes has neither)."""
     return (
         [batch_id for batch_id, _, _ in rows],
         [file_id for _, file_id, _ in rows],
         [a.ok for _, _, a in rows],
-        [a.result for _, _, a in rows],
-        [a.error for _, _, a in rows],
+        nulls_folded([a.result for _, _, a in rows]),
+        nulls_folded([a.error for _, _, a in rows]),
         [a.duration_s for _, _, a in rows],
         [a.attempts for _, _, a in rows],
     )

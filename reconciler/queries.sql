@@ -16,7 +16,8 @@ SELECT files_digest FROM batches WHERE batch_id = $1;
 -- name: insert_files
 -- A batch's files. $1 batch, $2 file ids, $3 uris, $4 payloads as the exact JSON text
 -- embedded in their jobs (the `json` column keeps it verbatim, so a lost job can be
--- rebuilt byte for byte; a json[] parameter would read a list as an array dimension).
+-- rebuilt byte for byte; a json[] parameter would read a list as an array dimension),
+-- or NULL when no file has one (unnest pads a NULL array with NULLs).
 -- $5 false leaves `enqueued_at` NULL (written in a caller's transaction, no job yet):
 -- enqueue_committed or the sweeper's next pass enqueues them.
 INSERT INTO batch_files (batch_id, file_id, uri, payload, enqueued_at)
@@ -90,7 +91,8 @@ WHERE f.batch_id = i.batch_id AND f.file_id = i.file_id
 -- Only files not yet terminal change, so a redelivered job is never counted twice.
 -- Returns each touched batch and whether its last file is now terminal, and notifies
 -- `reconciler_progress` with its new counts. $1..$7: per file the batch, file id,
--- success, result JSON text, error, handler seconds and attempts started.
+-- success, result JSON text, error, handler seconds and attempts started; $4 or $5 is
+-- NULL when every file's is (unnest pads a NULL array with NULLs).
 WITH input AS (
     SELECT * FROM unnest($1::text[], $2::text[], $3::boolean[], $4::text[], $5::text[],
                          $6::double precision[], $7::integer[])

@@ -6,7 +6,14 @@ from typing import Any
 
 import pytest
 
-from reconciler.execution import Attempted, Executor, describe, retry_delay_s, to_json
+from reconciler.execution import (
+    Attempted,
+    Executor,
+    describe,
+    outcome_columns,
+    retry_delay_s,
+    to_json,
+)
 from reconciler.jobs import FileJob
 
 JOB = FileJob("b", "f", "/nowhere")
@@ -211,3 +218,13 @@ def test_describe_strips_nul_and_bounds_length() -> None:
     """Error text is storable: no NUL byte, at most 2000 characters."""
     text = describe(ValueError("x\x00" + "y" * 5000))
     assert "\x00" not in text and len(text) == 2000
+
+
+def test_outcome_columns_send_a_column_of_nulls_as_one_null() -> None:
+    """Results and errors that are all NULL go as NULL; a column with one value goes whole."""
+    ok = Attempted(True, None, None, 0.1, 1)
+    failed = Attempted(False, None, "boom", 0.2, 2)
+    expected = (["b", "b"], ["f1", "f2"], [True, True], None, None, [0.1, 0.1], [1, 1])
+    assert outcome_columns([("b", "f1", ok), ("b", "f2", ok)]) == expected
+    columns = outcome_columns([("b", "f1", ok), ("b", "f2", failed)])
+    assert columns[3] is None and columns[4] == [None, "boom"]
