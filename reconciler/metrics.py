@@ -6,9 +6,17 @@ from the database, so every replica reports the same truth: aggregate them with 
 
 from __future__ import annotations
 
-from typing import Final
+import bisect
+import itertools
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Final, cast
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.samples import Sample
+from prometheus_client.utils import floatToGoString
 
 TRIGGERS: Final = ("event", "sweep", "demand", "deadline", "operator")
 OPERATOR_ACTION_NAMES: Final = ("cancel", "retry_failed")
@@ -48,16 +56,58 @@ FINALIZATION_LATENCY: Final = Histogram(
     ["trigger"],
     buckets=_LATENCY_BUCKETS_S,
 )
-FILES_PROCESSED: Final = Counter(
-    "reconciler_files_processed",
-    "File attempts by outcome: succeeded, failed (final) or retried.",
-    ["outcome"],
-)
-FILE_PROCESSING: Final = Histogram(
-    "reconciler_file_processing_seconds",
-    "Handler time per file attempt.",
-    buckets=_LATENCY_BUCKETS_S,
-)
+# How the client writes a bucket's `le` label (untyped in prometheus-client).
+_go_float: Final = cast(Callable[[float], str], floatToGoString)
+
+
+class AttemptTally:
+    """`reconciler_files_processed_total` and `reconciler_file_processing_seconds`,
+    kept as plain numbers and read by the registry at each scrape.
+
+    They move once per file: prometheus-client's Counter and Histogram take a lock per
+    update (three per file, 2.3 us against 0.3 here). The executor updates them from the
+    event loop's thread alone; a scrape reads them from any thread, as it reads the
+    client's own metrics without their locks.
+    """
+
+    OUTCOMES: Final = ("succeeded", "failed", "retried")
+
+    def __init__(self, buckets: Sequence[float]) -> None:
+        self._bounds = (*buckets, math.inf)
+        self._labels = [_go_float(b) for b in self._bounds]
+        self._counts = [0] * len(self._bounds)
+        self._sum = 0.0
+        self._outcomes = dict.fromkeys(self.OUTCOMES, 0)
+        self._created = time.time()
+
+    def attempted(self, seconds: float, outcome: str) -> None:
+        """One attempt's handler time, and what came of it."""
+        self._counts[bisect.bisect_left(self._bounds, seconds)] += 1
+        self._sum += seconds
+        self._outcomes[outcome] += 1
+
+    def collect(self) -> Iterator[Metric]:
+        files = CounterMetricFamily(
+            "reconciler_files_processed",
+            "File attempts by outcome: succeeded, failed (final) or retried.",
+            labels=["outcome"],
+        )
+        for outcome, count in self._outcomes.items():
+            files.add_metric([outcome], count, created=self._created)
+        yield files
+        seconds = HistogramMetricFamily(
+            "reconciler_file_processing_seconds", "Handler time per file attempt."
+        )
+        cumulative = list(itertools.accumulate(self._counts))
+        seconds.add_metric([], list(zip(self._labels, cumulative, strict=True)), self._sum)
+        seconds.samples.append(
+            Sample("reconciler_file_processing_seconds_created", {}, self._created)
+        )
+        yield seconds
+
+
+ATTEMPTS: Final = AttemptTally(_LATENCY_BUCKETS_S)
+REGISTRY.register(ATTEMPTS)
 JOBS_REDELIVERED: Final = Counter(
     "reconciler_jobs_redelivered", "Jobs claimed back from a consumer that stopped."
 )
@@ -115,8 +165,6 @@ def preinitialize() -> None:
             "finalized", "not_ready", "busy", "already_finalized", "not_found", "error",
         ):  # fmt: skip
             FINALIZATIONS.labels(trigger, outcome)
-    for outcome in ("succeeded", "failed", "retried"):
-        FILES_PROCESSED.labels(outcome)
     for kind in SWEEP_REPAIR_KINDS:
         SWEEP_REPAIRS.labels(kind)
     for reason in DEAD_LETTER_REASONS:
