@@ -27,8 +27,8 @@ FROM unnest($2::text[], $3::text[], $4::text[]) AS f (file_id, uri, payload);
 -- name: insert_batch_with_files
 -- `insert_batch` and `insert_files` in one statement (one round trip, atomic on its own):
 -- $1-$6 as insert_batch, $7-$10 as insert_files' $2-$5. Returns the new batch's id, or
--- no row (and no files written) when the id is taken. The files' foreign key is checked
--- at the end of the statement, when the batch row is there.
+-- no row (and no files written) when the id is taken. The files' batch is checked at
+-- the end of the statement, when the batch row is there (schema/0012).
 WITH batch AS (
     INSERT INTO batches (batch_id, run_id, metadata, files_digest, total_files, deadline_at)
     VALUES ($1, $2, $3, $4, $5, now() + make_interval(secs => $6::double precision))
@@ -618,8 +618,8 @@ FROM deliveries WHERE state = 'pending';
 -- $4 (where the caller's last statement ended: the index entries of the batches deleted
 -- before it are dead until VACUUM, and are not walked again), oldest first, at most $2
 -- batches and, after the first, at most $3 files in all, with everything they own
--- (files, summary, events, deliveries and their attempts, audit rows: ON DELETE
--- CASCADE); a retry batch of one keeps its rows, its parent_batch_id set to null.
+-- (files by the trigger of schema/0012; summary, events, deliveries and their attempts,
+-- audit rows: ON DELETE CASCADE); a retry batch of one keeps its rows, its parent_batch_id set to null.
 -- Batches another transaction holds are skipped, so replicas never wait on each other,
 -- and so is a batch whose event a sink is being sent right now (a live delivery claim).
 -- Never a batch still processing. Returns how many batches and files went, the
