@@ -66,8 +66,9 @@ class AttemptTally:
 
     They move once per file: prometheus-client's Counter and Histogram take a lock per
     update (three per file, 2.3 us against 0.3 here). The executor updates them from the
-    event loop's thread alone; a scrape reads them from any thread, as it reads the
-    client's own metrics without their locks.
+    event loop's thread alone. A scrape may read them from another thread: each number
+    is read whole, and one taken during an update may show a bucket moved before the
+    sum, as the client's own histogram may across its separately locked buckets.
     """
 
     OUTCOMES: Final = ("succeeded", "failed", "retried")
@@ -108,6 +109,7 @@ class AttemptTally:
 
 ATTEMPTS: Final = AttemptTally(_LATENCY_BUCKETS_S)
 REGISTRY.register(ATTEMPTS)
+
 JOBS_REDELIVERED: Final = Counter(
     "reconciler_jobs_redelivered", "Jobs claimed back from a consumer that stopped."
 )

@@ -144,11 +144,11 @@ FROM batches WHERE batch_id = $1 FOR UPDATE;
 -- name: finalize
 -- Finalizes each of batches $1 that the database says is done, one after the other in
 -- one statement (schema/0014_finalize_fans_out_to_subscribers.sql: each under its own
--- lock, from its own state): $2 trigger, $3 the reason past-deadline files fail with, $4 the reason
--- unfinished files fail with now (an operator's cancel) or null, $5 how many error
--- groups to keep; up to $7 webhook deliveries of each finalized batch are handed to
--- replica $6, claimed for $8 seconds (none when $6 is null). One row per batch, in the
--- order given.
+-- lock, from its own state): $2 trigger, $3 the reason past-deadline files fail with,
+-- $4 the reason unfinished files fail with now (an operator's cancel) or null, $5 how
+-- many error groups to keep; up to $7 webhook deliveries of each finalized batch are
+-- handed to replica $6, claimed for $8 seconds (none when $6 is null). One row per
+-- batch, in the order given.
 SELECT b.batch_id, f.outcome, f.status, f.total_files, f.files_succeeded, f.files_failed,
        f.files_remaining, f.latency_s, f.event_id, f.event_created_at, f.event_data,
        f.handed
@@ -619,10 +619,10 @@ FROM deliveries WHERE state = 'pending';
 -- before it are dead until VACUUM, and are not walked again), oldest first, at most $2
 -- batches and, after the first, at most $3 files in all, with everything they own
 -- (files by the trigger of schema/0012; summary, events, deliveries and their attempts,
--- audit rows: ON DELETE CASCADE); a retry batch of one keeps its rows, its parent_batch_id set to null.
--- Batches another transaction holds are skipped, so replicas never wait on each other,
--- and so is a batch whose event a sink is being sent right now (a live delivery claim).
--- Never a batch still processing. Returns how many batches and files went, the
+-- audit rows: ON DELETE CASCADE); a retry batch of one keeps its rows, its
+-- parent_batch_id set to null. Batches another transaction holds are skipped, so
+-- replicas never wait on each other, and so is a batch whose event a sink is being sent
+-- right now (a live delivery claim). Never a batch still processing. Returns how many batches and files went, the
 -- completion time of the newest one, and the moment before which batches were due
 -- (where the next statement starts once this one found no more than it deleted).
 WITH candidates AS (
