@@ -128,7 +128,7 @@ async def claim(
 
 def handed(row: Row, batch_id: str, replica: str) -> list[Claimed]:
     """The deliveries a finalization wrote already claimed by `replica` (its `handed`
-    row, schema/0011_finalize_hands_off.sql, kept by 0014): first attempts, as a claim
+    row, schema/0011_finalize_hands_off.sql, kept by 0013): first attempts, as a claim
     would return."""
     created_at = row["event_created_at"].isoformat()
     event = Event(row["event_id"], FINALIZED_TYPE, batch_id, created_at, row["event_data"])

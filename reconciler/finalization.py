@@ -2,7 +2,7 @@
 
 `finalize` re-reads the batch under a transaction-level advisory lock and decides, in
 one round trip: the decision is the SQL function `reconciler_finalize`
-(schema/0014_finalize_fans_out_to_subscribers.sql, first written in 0009), which takes
+(schema/0013_finalize_by_key_to_subscribers.sql, first written in 0009), which takes
 the lock, reads the batch under it and writes the summary, the event and its
 deliveries. The trigger that woke it (event, sweep, demand, deadline) is only a label.
 The finalizer actor, the sweeper, the HTTP API and submission all call it. An

@@ -143,7 +143,7 @@ FROM batches WHERE batch_id = $1 FOR UPDATE;
 
 -- name: finalize
 -- Finalizes each of batches $1 that the database says is done, one after the other in
--- one statement (schema/0014_finalize_fans_out_to_subscribers.sql: each under its own
+-- one statement (schema/0013_finalize_by_key_to_subscribers.sql: each under its own
 -- lock, from its own state): $2 trigger, $3 the reason past-deadline files fail with,
 -- $4 the reason unfinished files fail with now (an operator's cancel) or null, $5 how
 -- many error groups to keep; up to $7 webhook deliveries of each finalized batch are

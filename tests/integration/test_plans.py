@@ -10,7 +10,8 @@ rows it touches.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import asyncpg
@@ -32,20 +33,27 @@ def _scans(node: dict[str, Any]) -> Iterator[dict[str, Any]]:
         yield from _scans(child)
 
 
-async def _rows_read(settings: Settings, query: str, *args: Any) -> dict[str, int]:
-    """Rows each table's scans returned when `query` ran with a generic plan (rolled back)."""
+@asynccontextmanager
+async def _rolled_back(settings: Settings) -> AsyncIterator[asyncpg.Connection]:
+    """A connection set up as the service's, inside a transaction rolled back at the end."""
     conn = await asyncpg.connect(settings.database_url or "")
     try:
         await conn.execute(QUERIES["session_settings"])
         tx = conn.transaction()
         await tx.start()
         try:
-            await conn.execute("SET LOCAL plan_cache_mode = force_generic_plan")
-            text = await conn.fetchval("EXPLAIN (ANALYZE, FORMAT JSON) " + query, *args)
+            yield conn
         finally:
             await tx.rollback()
     finally:
         await conn.close()
+
+
+async def _rows_read(settings: Settings, query: str, *args: Any) -> dict[str, int]:
+    """Rows each table's scans returned when `query` ran with a generic plan (rolled back)."""
+    async with _rolled_back(settings) as conn:
+        await conn.execute("SET LOCAL plan_cache_mode = force_generic_plan")
+        text = await conn.fetchval("EXPLAIN (ANALYZE, FORMAT JSON) " + query, *args)
     read: dict[str, int] = {}
     for scan in _scans(json.loads(text)[0]["Plan"]):
         rows = int(scan["Actual Rows"]) * int(scan["Actual Loops"])
@@ -67,24 +75,16 @@ async def _index_scans(
 ) -> tuple[list[asyncpg.Record], int]:
     """`query`'s rows, run once and rolled back, and how many times it scanned `index`:
     the statements inside a function called from it included, which EXPLAIN does not show."""
-    conn = await asyncpg.connect(settings.database_url or "")
-    try:
-        await conn.execute(QUERIES["session_settings"])
-        tx = conn.transaction()
-        await tx.start()
-        try:
-            rows = await conn.fetch(query, *args)
-            scans = await conn.fetchval("SELECT pg_stat_get_xact_numscans($1::regclass)", index)
-        finally:
-            await tx.rollback()
-    finally:
-        await conn.close()
+    async with _rolled_back(settings) as conn:
+        rows = await conn.fetch(query, *args)
+        scans = await conn.fetchval("SELECT pg_stat_get_xact_numscans($1::regclass)", index)
     return rows, int(scans)
 
 
 async def test_a_finalization_reads_its_batch_by_key(settings: Settings, ports: Ports) -> None:
     """`reconciler_finalize` of a done batch with many unfinalized: no statement in it
-    walks the index of the unfinalized batches to find its batch (one did, schema/0013)."""
+    walks the index of the unfinalized batches to find its batch (one did before
+    schema/0013)."""
     for _ in range(OPEN_BATCHES):
         await submit(ports, files(2))
     done = (await submit(ports, files(1))).batch_id
