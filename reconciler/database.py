@@ -13,8 +13,8 @@ the pool then keeps no server-side statement cache and leaves no session state b
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any, Final, cast
 
 import anyio
@@ -115,9 +115,33 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
     # asyncpg's default reset runs RESET ALL and more on every release: a round trip
     # per pooled statement, and it would undo the planner settings above. Nothing
     # here leaves session state behind (only transaction-level locks, no LISTEN, no
-    # cursors), and stray transactions are still rolled back by the pool itself. Behind
-    # a transaction pooler a reset would run on whichever server connection is free.
+    # cursors), and stray transactions are still rolled back by the pool itself (one
+    # asyncpg does not know about, a cancelled prepare's, is `_dropped_if_interrupted`'s).
+    # Behind a transaction pooler a reset would run on whichever server connection is free.
     return None
+
+
+@contextmanager
+def _dropped_if_interrupted(conn: PoolConnectionProxy[asyncpg.Record]) -> Iterator[None]:
+    """Closes the connection when a cancellation (or any BaseException that is not an
+    Exception) ends its use, instead of handing it back to the pool.
+
+    asyncpg prepares a statement with Parse, Describe and Flush, not Sync, and sends
+    Bind, Execute and Sync once the description is back. A cancellation landing between
+    the two leaves the server inside an implicit transaction, holding the locks the
+    parse took, while asyncpg believes the connection idle; `_keep_session` sends
+    nothing on release, so the pool kept that connection, and its locks, until it was
+    next used. A TRUNCATE or a migration's ALTER waited for them meanwhile (the fault
+    sweep hung on it). A closed connection ends the server's transaction at once and
+    the pool opens another when it needs one. An Exception (a failed statement) leaves
+    the protocol in step, and the connection is kept.
+    """
+    try:
+        yield
+    except BaseException as exc:
+        if not isinstance(exc, Exception):
+            conn.terminate()
+        raise
 
 
 class Session:
@@ -177,14 +201,16 @@ class Database:
     async def session(self) -> AsyncIterator[Session]:
         """One pooled connection, no transaction (each statement commits)."""
         async with translated(), self._pool.acquire(timeout=CONNECT_TIMEOUT_S) as conn:
-            yield Session(conn)
+            with _dropped_if_interrupted(conn):
+                yield Session(conn)
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[Session]:
         """One pooled connection inside a transaction, committed on normal exit."""
         async with translated(), self._pool.acquire(timeout=CONNECT_TIMEOUT_S) as conn:
-            async with conn.transaction():
-                yield Session(conn)
+            with _dropped_if_interrupted(conn):
+                async with conn.transaction():
+                    yield Session(conn)
 
     async def fetch(self, name: str, *args: Any) -> list[Row]:
         async with self.session() as session:
