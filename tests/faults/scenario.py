@@ -429,6 +429,18 @@ class Run:
         )
         return len(aged) >= count
 
+    async def close_generations(self) -> None:
+        """Closes every generation's Redis client again, once nothing uses them.
+
+        Each was closed when its generation ended, but a submit of the harness racing
+        a death may still have been connecting on it: redis-py's pool skips a connection
+        whose connect is in progress when it disconnects, and that connection then came
+        up on a closed client, for the garbage collector to warn about later, in
+        whichever test was running (an unclosed `TcpConnection` failed a sweep so).
+        """
+        for life in self.lives:
+            await life.service.ports.queue.close()
+
     async def live(self) -> Life:
         """The generation alive now, waiting for a restart if needed."""
         with anyio.fail_after(RESTART_TIMEOUT_S + SETTLE_TIMEOUT_S):
@@ -608,6 +620,8 @@ async def execute(lane: Lane, spec: RunSpec, plan: FaultPlan) -> RunRecord:
     finally:
         CURRENT_RUN.reset(token)
         handlers.forget({run.batch_id(letter) for letter in LETTERS})
+        with anyio.CancelScope(shield=True):
+            await run.close_generations()
         await lane.reset(run.namespace)
 
 
