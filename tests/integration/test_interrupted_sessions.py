@@ -49,7 +49,7 @@ async def _lock_taken(database_url: str) -> bool:
     conn = await asyncpg.connect(database_url)
     try:
         async with conn.transaction():
-            await conn.execute(f"SET LOCAL lock_timeout = '{LOCK_DEADLINE}'")
+            await conn.execute("SELECT set_config('lock_timeout', $1, true)", LOCK_DEADLINE)
             try:
                 await conn.execute("LOCK TABLE batch_files IN ACCESS EXCLUSIVE MODE")
             except asyncpg.LockNotAvailableError:
