@@ -115,8 +115,8 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
     # asyncpg's default reset runs RESET ALL and more on every release: a round trip
     # per pooled statement, and it would undo the planner settings above. Nothing
     # here leaves session state behind (only transaction-level locks, no LISTEN, no
-    # cursors), and stray transactions are still rolled back by the pool itself (one
-    # asyncpg does not know about, a cancelled prepare's, is `_dropped_if_interrupted`'s).
+    # cursors), and stray transactions are still rolled back by the pool itself; the one
+    # asyncpg cannot see (a cancelled prepare's) is closed by `_dropped_if_interrupted`.
     # Behind a transaction pooler a reset would run on whichever server connection is free.
     return None
 

@@ -63,9 +63,12 @@ async def _open(
     database_url: str, connection_class: type[asyncpg.Connection]
 ) -> tuple[Database, asyncpg.Pool]:
     pool = await asyncpg.create_pool(
-        database_url, min_size=1, max_size=1, reset=database._keep_session,
+        database_url,
+        min_size=1,
+        max_size=1,
+        reset=database._keep_session,
         connection_class=connection_class,
-    )  # fmt: skip
+    )
     return Database(pool), pool
 
 
