@@ -180,14 +180,18 @@ async def settle_failed(
     return outcome
 
 
-async def settle_delivered(db: Database, answered: Sequence[tuple[Claimed, Attempt]]) -> None:
-    """Records delivered attempts, any number in one statement (the common case)."""
+async def settle_delivered(
+    db: Database, answered: Sequence[tuple[Claimed, Attempt]], ago_s: Sequence[float]
+) -> None:
+    """Records delivered attempts, any number in one statement (the common case); each
+    2xx came `ago_s` seconds before, which is when the delivery is recorded as made."""
     columns = (
         [claimed.delivery_id for claimed, _ in answered],
         [claimed.attempt for claimed, _ in answered],
         [attempt.status_code for _, attempt in answered],
         [attempt.latency_s for _, attempt in answered],
         [claimed.replica for claimed, _ in answered],
+        list(ago_s),
     )
     rows = await db.fetch("deliveries_delivered", *columns)
     ages = {row["delivery_id"]: float(row["age_s"]) for row in rows}

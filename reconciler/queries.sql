@@ -384,17 +384,20 @@ ORDER BY c.finalized_at;
 
 -- name: deliveries_delivered
 -- Deliveries $1 acknowledged by their attempts $2 (HTTP statuses $3, null for a hook;
--- $4 seconds each; replicas $5), every attempt logged, in one statement; returns the
--- age (finalization to now) of each delivery this settled, the first time only.
+-- $4 seconds each; replicas $5; the 2xx came $6 seconds before this statement), every
+-- attempt logged, in one statement; returns the age at the 2xx (finalization to
+-- acknowledgement) of each delivery this settled, the first time only.
 WITH answered AS (
     SELECT * FROM unnest($1::bigint[], $2::integer[], $3::integer[],
-                         $4::double precision[], $5::text[])
-        AS a(delivery_id, attempt, status_code, latency_s, replica)
+                         $4::double precision[], $5::text[], $6::double precision[])
+        AS a(delivery_id, attempt, status_code, latency_s, replica, ago_s)
 ), done AS (
-    UPDATE deliveries d SET state = 'delivered', delivered_at = now(), claimed_by = NULL
+    UPDATE deliveries d
+    SET state = 'delivered', delivered_at = now() - make_interval(secs => a.ago_s),
+        claimed_by = NULL
     FROM answered a
     WHERE d.delivery_id = a.delivery_id AND d.state = 'pending'
-    RETURNING d.delivery_id, extract(epoch FROM now() - d.finalized_at) AS age_s
+    RETURNING d.delivery_id, extract(epoch FROM d.delivered_at - d.finalized_at) AS age_s
 ), logged AS (
     INSERT INTO delivery_attempts (
         delivery_id, attempt, outcome, status_code, error, latency_s, replica)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import secrets
 import socket
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -47,8 +48,11 @@ LEASE_TIMEOUTS: Final = 3
 RELEASE_TIMEOUT_S: Final = 2.0
 # After a wake-up the claim waits this long, so finalizations close together share it.
 CLAIM_WINDOW_S: Final = 0.01
-# Delivered attempts settled together: the first of a group waits this long for others.
-SETTLE_WINDOW_S: Final = 0.02
+# Delivered attempts settled together: the first of a group waits this long for others,
+# and a group holds at most SETTLE_GROUP_MAX. An attempt frees its slot at its 2xx, so
+# the window holds back only the bookkeeping (the 2xx's moment is what is recorded).
+SETTLE_WINDOW_S: Final = 0.1
+SETTLE_GROUP_MAX: Final = 64
 # Webhook deliveries a finalization hands over per batch; more webhooks go by the claim.
 HAND_PER_BATCH: Final = 1
 
@@ -72,7 +76,7 @@ class Deliverer:
         self._hook = HookCaller(hook, settings.delivery_timeout_s) if hook else None
         self._busy = 0  # attempts running, and slots reserved for handed deliveries
         self._wakeup = Watch()  # replaced by the notifications' watch while running
-        self._settler = Settler(db, SETTLE_WINDOW_S, DELIVERY_CONCURRENCY)
+        self._settler = Settler(db, SETTLE_WINDOW_S, SETTLE_GROUP_MAX)
         self._running: tuple[TaskGroup, WebhookSender] | None = None
 
     async def run(self) -> None:
@@ -164,6 +168,7 @@ class Deliverer:
         try:
             made = await self._make(claimed, sender)
             if made.delivered:
+                self._free(1)  # the receiver has it: the slot's work is done
                 await self._settler.delivered(claimed, made)
             else:
                 settle = partial(delivery.settle_failed, self._db, claimed, made, self._schedule)
@@ -175,7 +180,8 @@ class Deliverer:
                 await self._release(claimed)
             raise
         finally:
-            self._free(1)
+            if made is None or not made.delivered:
+                self._free(1)
 
     def _free(self, slots: int) -> None:
         full = self._busy >= DELIVERY_CONCURRENCY
@@ -202,6 +208,7 @@ class Deliverer:
 @dataclass(eq=False)
 class _Group:
     answered: list[tuple[Claimed, Attempt]]
+    at: list[float]  # when each 2xx came (time.monotonic)
     full: anyio.Event = field(default_factory=anyio.Event)
     done: anyio.Event = field(default_factory=anyio.Event)
     error: Exception | None = None
@@ -231,9 +238,10 @@ class Settler:
     async def delivered(self, claimed: Claimed, attempt: Attempt) -> None:
         group = self._open
         if group is None:
-            await self._lead(_Group([(claimed, attempt)]))
+            await self._lead(_Group([(claimed, attempt)], [time.monotonic()]))
             return
         group.answered.append((claimed, attempt))
+        group.at.append(time.monotonic())
         if len(group.answered) >= self._size:
             group.full.set()
         await group.done.wait()
@@ -254,7 +262,11 @@ class Settler:
         await self._settle(group)
 
     async def _settle(self, group: _Group) -> None:
-        settle = partial(delivery.settle_delivered, self._db, group.answered)
+        async def settle() -> None:
+            now = time.monotonic()  # again on a retry: the 2xx moments stay what they were
+            ago_s = [now - at for at in group.at]
+            await delivery.settle_delivered(self._db, group.answered, ago_s)
+
         try:
             await persist(settle, "delivery_settle_failed", log, deliveries=len(group.answered))
         except Exception as exc:

@@ -36,9 +36,9 @@ async def _settled(settings: Settings) -> list[tuple[str, int]]:
 
 
 async def _commit_times(settings: Settings) -> int:
-    """How many distinct transaction times the delivered rows carry (one per statement)."""
+    """How many transactions last wrote the delivered rows (one per statement)."""
     rows = await sql(
-        settings.database_url or "", "SELECT count(DISTINCT delivered_at) FROM deliveries"
+        settings.database_url or "", "SELECT count(DISTINCT xmin::text) FROM deliveries"
     )
     return int(rows[0][0])
 
@@ -70,6 +70,24 @@ async def test_a_lone_answer_is_settled_when_the_window_closes(
         await settler.delivered(claimed, ok())
     assert await _settled(settings) == [("delivered", 1)]
     assert settler.waiting == 0
+
+
+async def test_a_delivery_is_recorded_at_its_2xx_not_when_its_group_closes(
+    settings: Settings, ports: Ports
+) -> None:
+    """The window holds back the statement, not the moment recorded: delivered_at (and
+    the latency metric's age) is when the 2xx came, half a window before the settling."""
+    [claimed] = await _claimed(ports, 1)
+    settler = Settler(ports.db, window_s=1.0, size=16)
+    url = settings.database_url or ""
+    [[before]] = await sql(url, "SELECT clock_timestamp()")
+    with anyio.fail_after(30):
+        await settler.delivered(claimed, ok())
+    [[delivered_at, after]] = await sql(
+        url, "SELECT delivered_at, clock_timestamp() FROM deliveries"
+    )
+    assert (after - before).total_seconds() >= 1.0  # the window passed before the statement
+    assert (delivered_at - before).total_seconds() < 0.5
 
 
 async def test_a_stop_inside_the_window_settles_the_group(settings: Settings, ports: Ports) -> None:
