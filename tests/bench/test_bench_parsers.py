@@ -104,6 +104,20 @@ def test_webhook_figures_give_medians_spread_and_the_drop() -> None:
     assert result["checks"]["p99_within_100_ms"] is False
 
 
+def test_the_paired_drop_is_the_median_of_each_rounds_ratio() -> None:
+    """A round on a host twice as fast moves the medians' drop, not the paired one."""
+
+    def side(rate: float) -> dict[str, object]:
+        latency = {"p50": 1.0, "p99": 2.0, "max": 2.0, "n": 1}
+        return {"files_per_s": rate, "delivery_latency_ms": latency, "ok": True}
+
+    rates = [(100.0, 99.0), (300.0, 240.0), (120.0, 119.0)]
+    rounds = [{"none": side(n), "webhook": side(w)} for n, w in rates]
+    result = webhook.figures_of(webhook.WebhookOptions(batches=2, files=3), rounds)
+    assert result["drop"] == round(1 - 119.0 / 120.0, 4)
+    assert result["drop_paired"] == 0.01
+
+
 def test_percentiles_are_nearest_rank() -> None:
     values = [float(v) for v in range(1, 201)]
     assert report.percentiles(values) == {"p50": 100.0, "p99": 198.0, "max": 200.0, "n": 200}
