@@ -95,7 +95,9 @@ class Client:
             except HttpError:
                 if connection.answered:
                     raise
-                # Closed while idle, and we wrote before hearing it: the server never read it.
+                # Nothing came back: most likely closed while idle (a keep-alive timeout)
+                # as this was written. Tried once on a new connection; a receiver that read
+                # it and then failed sees it again, with the same webhook-id.
         connection = await self._connect(target.origin, deadline)
         return await self._exchange(target.origin, connection, request, cap, deadline)
 

@@ -279,12 +279,11 @@ async def test_what_cannot_be_posted_is_refused_before_connecting(
 
 def _certificate(tmp_path: Path) -> tuple[Path, Path]:
     key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-         "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=localhost",
-         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
-        check=True, capture_output=True,
-    )  # fmt: skip
+    command = "openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes"
+    names = "subjectAltName=DNS:localhost,IP:127.0.0.1"
+    files = ["-keyout", str(key), "-out", str(cert)]
+    options = ["-days", "1", "-subj", "/CN=localhost", "-addext", names]
+    subprocess.run([*command.split(), *files, *options], check=True, capture_output=True)
     return key, cert
 
 
