@@ -21,6 +21,16 @@ import pytest
 from reconciler.http1 import Client, HttpError
 from tests.receiver import refused_url
 
+
+@pytest.fixture(
+    params=[("asyncio", {}), ("asyncio", {"use_uvloop": True})], ids=["asyncio", "uvloop"]
+)
+def anyio_backend(request: pytest.FixtureRequest) -> tuple[str, dict[str, bool]]:
+    """Both loops: the service runs on uvloop, whose transports and TLS are its own."""
+    backend: tuple[str, dict[str, bool]] = request.param
+    return backend
+
+
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 TIMEOUT_S = 5.0
 
