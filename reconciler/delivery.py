@@ -119,11 +119,25 @@ async def register_hook(db: Database, target: str) -> None:
 
 
 async def claim(
-    db: Database, owner: str, limit: int, lease_s: float, *, with_hook: bool
+    db: Database,
+    owner: str,
+    limit: int,
+    lease_s: float,
+    *,
+    with_hook: bool,
+    claim_id: str | None = None,
 ) -> list[Claimed]:
-    """Up to `limit` due deliveries, leased to `owner` for `lease_s` seconds."""
-    rows = await db.fetch("claim_deliveries", owner, limit, lease_s, with_hook)
-    return [_claimed(row) for row in rows]
+    """Up to `limit` due deliveries, leased to `owner` for `lease_s` seconds; the rows
+    carry `claim_id` (default: the owner), so a claim whose reply is lost can be undone
+    by `release_claim` without touching anything else the owner holds."""
+    rows = await db.fetch("claim_deliveries", claim_id or owner, limit, lease_s, with_hook)
+    return [_claimed(row, owner) for row in rows]
+
+
+async def release_claim(db: Database, claim_id: str) -> int:
+    """Frees what a claim whose reply never came leased (claimed, attempt counted, none
+    made): due again at once, for any replica, instead of when the lease runs out."""
+    return len(await db.fetch("release_claim", claim_id))
 
 
 def handed(row: Row, batch_id: str, replica: str) -> list[Claimed]:
@@ -138,11 +152,11 @@ def handed(row: Row, batch_id: str, replica: str) -> list[Claimed]:
     ]
 
 
-def _claimed(row: Row) -> Claimed:
+def _claimed(row: Row, replica: str) -> Claimed:
     event = Event(
         row["event_id"], row["type"], row["batch_id"], row["created_at"].isoformat(), row["data"]
     )
-    number, replica = row["attempt"], row["claimed_by"]
+    number = row["attempt"]
     return Claimed(row["delivery_id"], Sink(row["sink"]), number, event, replica, **_webhook(row))
 
 

@@ -351,9 +351,10 @@ INSERT INTO hook_registrations (sink, target) VALUES ('hook', $1)
 ON CONFLICT (sink) DO UPDATE SET target = EXCLUDED.target;
 
 -- name: claim_deliveries
--- Claims for replica $1 up to $2 due deliveries: the claim counts the attempt and moves
--- `next_attempt_at` $3 seconds ahead (the lease), so other replicas skip the row until
--- it runs out; rows another replica is claiming right now are skipped too. Hook rows
+-- Claims under claim id $1 (the replica's name, or its name and the claim's number) up
+-- to $2 due deliveries: the claim counts the attempt and moves `next_attempt_at` $3
+-- seconds ahead (the lease), so other replicas skip the row until it runs out; rows
+-- another replica is claiming right now are skipped too. Hook rows
 -- only when $4 (this replica runs the hook); never to a paused or disabled webhook.
 -- Returns what an attempt needs: the event, and the webhook's URL and secret.
 WITH due AS (
@@ -470,6 +471,15 @@ FROM events e
 WHERE e.batch_id = ANY($1::text[]) AND d.event_id = e.event_id
   AND d.claimed_by = $2 AND d.attempts = 1 AND d.state = 'pending'
 RETURNING d.delivery_id;
+
+-- name: release_claim
+-- A claim whose reply never came (claim id $1): what it leased (attempt counted, none
+-- made) is due again at once for any replica, as after a stop, instead of when its
+-- lease runs out. It reads only pending rows (a partial index of them), and runs only
+-- after a failed claim.
+UPDATE deliveries SET next_attempt_at = now(), claimed_by = NULL
+WHERE claimed_by = $1 AND state = 'pending'
+RETURNING delivery_id;
 
 -- name: lock_batch
 -- Waits for batch $1's advisory lock (the one finalization tries), held to commit.

@@ -71,6 +71,7 @@ class Deliverer:
         self._db = db
         self._notifications = notifications or Notifications()
         self._owner = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+        self._claims = 0  # numbers each claim: its rows carry `{owner}#{number}`
         self._schedule = Schedule(settings.delivery_backoff_s, settings.delivery_max_age_s)
         hook = load_hook(settings.on_finalized) if settings.on_finalized else None
         self._hook = HookCaller(hook, settings.delivery_timeout_s) if hook else None
@@ -145,17 +146,37 @@ class Deliverer:
         free = DELIVERY_CONCURRENCY - self._busy
         if free <= 0:
             return False
+        self._claims += 1
+        claim_id = f"{self._owner}#{self._claims}"
         try:
             claimed = await delivery.claim(
-                self._db, self._owner, free, lease_s(self._settings), with_hook=bool(self._hook)
+                self._db,
+                self._owner,
+                free,
+                lease_s(self._settings),
+                with_hook=bool(self._hook),
+                claim_id=claim_id,
             )
         except RetryableError as exc:
             log.warning("delivery_claim_failed", error=str(exc))
+            await self._release_claim(claim_id)
             return False
         for item in claimed:
             self._busy += 1
             tg.start_soon(self._attempt, item, sender)
         return len(claimed) == free
+
+    async def _release_claim(self, claim_id: str) -> None:
+        """The failed claim may have leased rows all the same (its reply was lost after
+        the commit): nothing here attempts them, so they are freed for a claim now. If
+        that fails, their lease still runs out."""
+        try:
+            released = await delivery.release_claim(self._db, claim_id)
+        except RetryableError as exc:
+            log.warning("delivery_release_failed", error=str(exc))
+            return
+        if released:
+            self._wakeup.wake()
 
     async def _idle(self) -> None:
         """Waits for the next poll, a finalization anywhere, or a slot to free up; after a

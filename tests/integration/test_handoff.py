@@ -157,6 +157,71 @@ async def test_a_reply_lost_after_the_commit_frees_the_delivery_for_a_claim(
     assert (attempt["attempt"], attempt["delivered"]) == (2, True), "the claim's attempt"
 
 
+class LosesFirstClaimReply(Database):
+    """The real pool; the first claim that leases a row commits, then its reply is lost."""
+
+    def __init__(self, real: Database) -> None:
+        self.__dict__.update(vars(real))
+        self.lost = False
+
+    async def fetch(self, name: str, *args: Any) -> list[Row]:
+        rows = await super().fetch(name, *args)
+        if name == "claim_deliveries" and rows and not self.lost:
+            self.lost = True
+            raise RetryableError("postgres: ConnectionResetError: the reply was lost")
+        return rows
+
+
+async def test_a_claim_whose_reply_is_lost_frees_what_it_leased(
+    settings: Settings, ports: Ports
+) -> None:
+    """A claim leased a due delivery, and its reply never came: the actor frees what that
+    claim (and only it) leased, and the next claim delivers it once, long before the
+    30 s lease would have run out."""
+    tuned = fast(settings)
+    lossy = LosesFirstClaimReply(ports.db)
+    deliverer = Deliverer(tuned, lossy)
+    assert lease_s(tuned) >= 30.0 > DEFAULT_TIMEOUT_S, "only a release delivers in time"
+    with receiving(always(200)) as receiver:
+        await subscribe(ports, receiver.url, receiver.secret)
+        batch_id = await _complete_batch(ports)
+        await finalize_each(ports.db, [batch_id], Trigger.SWEEP)  # not handed: due now
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(deliverer.run)
+            await wait_for(lambda: settled(tuned, batch_id, "delivered"), what="delivered")
+            tg.cancel_scope.cancel()
+    assert lossy.lost
+    assert len(receiver.received) == 1
+    (attempt,) = await attempts_of(ports, batch_id)
+    assert (attempt["attempt"], attempt["delivered"]) == (2, True), "the next claim's attempt"
+
+
+async def test_releasing_a_claim_frees_only_what_that_claim_leased(
+    settings: Settings, ports: Ports
+) -> None:
+    """The rows carry the claim's id: another claim of the same replica, and a
+    delivery handed to it, keep their leases."""
+    url = settings.database_url or ""
+    webhook_id = await subscribe(ports, "https://example.com/hook", "whsec_" + "A" * 32)
+    first, second, handed = [await _complete_batch(ports) for _ in range(3)]
+    await finalize_each(ports.db, [first], Trigger.SWEEP)
+    [lost] = await delivery.claim(ports.db, "replica-a", 1, 30.0, with_hook=False, claim_id="a#1")
+    await finalize_each(ports.db, [second], Trigger.SWEEP)
+    await delivery.claim(ports.db, "replica-a", 1, 30.0, with_hook=False, claim_id="a#2")
+    await finalize_each(ports.db, [handed], Trigger.EVENT, Handing("replica-a", 1, 30.0))
+    assert lost.replica == "replica-a", "attempts are logged under the replica, not the claim"
+    assert await delivery.release_claim(ports.db, "a#1") == 1
+    rows = await sql(
+        url,
+        "SELECT e.batch_id, d.claimed_by, d.attempts, d.next_attempt_at <= now() AS due"
+        " FROM deliveries d JOIN events e USING (event_id) WHERE d.webhook_id = $1",
+        webhook_id,
+    )
+    assert sorted(tuple(r) for r in rows) == sorted(
+        [(first, None, 1, True), (second, "a#2", 1, False), (handed, "replica-a", 1, False)]
+    )
+
+
 async def test_only_the_lost_replys_handed_deliveries_are_freed(
     settings: Settings, ports: Ports
 ) -> None:
