@@ -40,7 +40,7 @@ class Violation:
 
 
 def check(record: RunRecord) -> list[Violation]:
-    """Every violation of I1-I5 (and of non-vacuity) in one run."""
+    """Every violation of I1-I6 (and of non-vacuity) in one run."""
     found: list[tuple[str, str, str]] = [
         *_harness(record),
         *_finalized_once(record),
@@ -48,6 +48,7 @@ def check(record: RunRecord) -> list[Violation]:
         *_allowed_failures(record),
         *_attempts(record),
         *_nothing_left(record),
+        *_delivered(record),
         *_not_vacuous(record),
     ]
     label = record.label()
@@ -186,6 +187,28 @@ def _nothing_left(record: RunRecord) -> Found:
             yield "I5", "file left in flight", f"{letter}/{file_id}: {detail}"
 
 
+def _delivered(record: RunRecord) -> Found:
+    """I6: each finalized batch has one event, delivered to the webhook and acknowledged
+    by the receiver at least once (a crash between the 2xx and its record may repeat
+    it; receivers deduplicate on the id), every request signed as the receiver checks."""
+    final = record.final
+    for letter in LETTERS:
+        batch = final.batches.get(letter)
+        if batch is None or batch["status"] == "processing":
+            continue  # an I1 already
+        events = final.deliveries.get(letter, [])
+        if len(events) != 1:
+            yield "I6", "events != 1", f"batch {letter} has {len(events)} events with deliveries"
+            continue
+        (event,) = events
+        if event["state"] != "delivered":
+            yield "I6", "not delivered", f"batch {letter}: delivery {event['state']}"
+        if not final.acknowledged.get(event["event_id"]):
+            yield "I6", "never acknowledged", f"batch {letter}: {event['event_id']}"
+    for rejected in final.rejected:
+        yield "I6", "signature rejected", rejected
+
+
 def _prunable(consumer: str, record: RunRecord) -> bool:
     """Whether a consumer still listed after the last graceful stop should be gone.
 
@@ -231,3 +254,7 @@ def _not_vacuous(record: RunRecord) -> Found:
         yield "V", "fail_once did not run attempts 1 and 2", f"B/b0 attempts {once}"
     if not runs.get(("C", special_file("C"))):
         yield "V", "slow file never ran", "C/c0 has no handler run"
+    repeated = {i: n for i, n in record.final.acknowledged.items() if n != 1}
+    if len(record.final.acknowledged) != len(LETTERS) or repeated:
+        detail = f"{record.final.acknowledged}"
+        yield "V", "clean run: not every event acknowledged once", detail

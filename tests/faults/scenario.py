@@ -1,8 +1,9 @@
 """One run of the fault sweep: three small batches through a service whose ports fail.
 
-A run submits the batches through the faulty ports, restarts the service after a crash
-(a fresh generation around the same pools), waits until nothing is left to do, stops
-the last generation gracefully and records everything the invariants look at.
+A run subscribes the lane's webhook receiver, submits the batches through the faulty
+ports, restarts the service after a crash (a fresh generation around the same pools),
+waits until nothing is left to do (every event delivered too), stops the last
+generation gracefully and records everything the invariants look at.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import redis.asyncio as aioredis
 import structlog
 from redis import exceptions as redis_errors
 
+from reconciler import webhooks
 from reconciler.app import Ports, Role, Service
 from reconciler.batches import FileSpec, submit
 from reconciler.config import Settings
@@ -30,7 +32,8 @@ from reconciler.queue import JobQueue
 from tests.faults import handlers
 from tests.faults.handlers import HandlerRun
 from tests.faults.injector import CURRENT_GENERATION, Crash, FaultPlan, Generation, faulty_ports
-from tests.helpers import wait_for
+from tests.helpers import sql, wait_for
+from tests.receiver import Receiver, always, receiving
 from tests.services import unique_name
 
 MAX_ATTEMPTS: Final = 3
@@ -83,6 +86,10 @@ def run_settings(database_url: str, redis_url: str, namespace: str) -> Settings:
         # The scenario's batches are seconds old, so retention would delete nothing and
         # only add a call per pass (a failing one is caught like any repair's).
         retention_days=0,
+        # A claim that failed, or a delivery freed after a lost reply, is retried soon.
+        delivery_poll_interval_s=0.2,
+        delivery_backoff_s=0.05,
+        delivery_timeout_s=5.0,
     )
 
 
@@ -110,6 +117,7 @@ class Lane:
     db: Database
     redis: aioredis.Redis
     check: asyncpg.Connection
+    receiver: Receiver  # answers 200 to every verified POST, for every run of the lane
 
     async def reset(self, namespace: str) -> None:
         """Empties the lane's tables and deletes the run's Redis keys."""
@@ -139,7 +147,8 @@ async def open_lane(admin_url: str, redis_url: str, template: str) -> AsyncItera
     client = aioredis.Redis.from_url(redis_url)
     check = await asyncpg.connect(url)
     try:
-        yield Lane(url, redis_url, db, client, check)
+        with receiving(always(200)) as receiver:
+            yield Lane(url, redis_url, db, client, check, receiver)
     finally:
         with anyio.CancelScope(shield=True):
             await check.close()
@@ -165,6 +174,11 @@ class FinalState:
     stream_length: int
     dead_letters: int
     consumers: list[str]
+    # Per batch letter: its events, each with its webhook delivery's state (or None).
+    deliveries: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    # Per event id of this run: how often the receiver acknowledged it.
+    acknowledged: dict[str, int] = field(default_factory=dict)
+    rejected: list[str] = field(default_factory=list)  # requests whose signature failed
     # When the consumers were listed, on the clock of the events' `at`.
     read_at: float = 0.0
 
@@ -243,7 +257,21 @@ _LEFT_SQL: Final = """
 SELECT (SELECT count(*) FROM batches) AS batches,
        (SELECT count(*) FROM batches WHERE status = 'processing') AS unfinalized,
        (SELECT count(*) FROM batch_files
-         WHERE status IN ('pending', 'processing') OR lease_expires_at IS NOT NULL) AS open_files
+         WHERE status IN ('pending', 'processing') OR lease_expires_at IS NOT NULL) AS open_files,
+       (SELECT count(*) FROM events e WHERE NOT EXISTS (
+            SELECT 1 FROM deliveries d
+            WHERE d.event_id = e.event_id AND d.state = 'delivered')) AS undelivered
+"""
+_DELIVERIES_SQL: Final = """
+SELECT e.batch_id, e.event_id, d.state, d.attempts
+FROM events e LEFT JOIN deliveries d USING (event_id)
+ORDER BY e.batch_id
+"""
+# A restarted process comes back once the dead one's delivery leases have run out too:
+# time moves for them (a lease is at least 30 s) instead of the run waiting.
+_EXPIRE_DELIVERY_LEASES_SQL: Final = """
+UPDATE deliveries SET next_attempt_at = now()
+WHERE state = 'pending' AND next_attempt_at > now()
 """
 
 
@@ -259,6 +287,7 @@ async def left_behind(lane: Lane, queue: JobQueue) -> str:
         "pending jobs": pending,
         "queued members": queued,
         "stream entries": length,
+        "undelivered events": row["undelivered"],
     }
     return ", ".join(f"{k}={v}" for k, v in parts.items() if v)
 
@@ -283,7 +312,25 @@ async def final_state(
         f"{_owner(row['name'].decode(), events)} pending={row['pending']} idle={row['idle']}ms"
         for row in await consumer_rows(lane.redis, queue)
     ]
-    return FinalState(batches, files, summaries, pending, queued, length, dead, consumers, read_at)
+    deliveries: dict[str, list[dict[str, Any]]] = {}
+    for r in await lane.check.fetch(_DELIVERIES_SQL):
+        deliveries.setdefault(_letter(tag, r["batch_id"]), []).append(dict(r))
+    ids = {row["event_id"] for rows in deliveries.values() for row in rows}
+    acknowledged = {i: n for i, n in lane.receiver.acknowledged.items() if i in ids}
+    return FinalState(
+        batches,
+        files,
+        summaries,
+        pending,
+        queued,
+        length,
+        dead,
+        consumers,
+        deliveries,
+        acknowledged,
+        list(lane.receiver.rejected),
+        read_at,
+    )
 
 
 def prunable_since(idle_ms: int, read_at: float, events: list[MutableMapping[str, Any]]) -> float:
@@ -413,6 +460,7 @@ class Run:
         await wait_for(
             self._dead_leases_expired, timeout_s=RESTART_TIMEOUT_S, what="dead leases expire"
         )
+        await sql(self.lane.database_url, _EXPIRE_DELIVERY_LEASES_SQL)
 
     async def _dead_leases_expired(self) -> bool:
         queue = self.real.queue
@@ -630,6 +678,9 @@ GARBAGE_JOB: Final = {"job": "{not json"}
 
 
 async def _drive(run: Run, context: RunContext, started: float) -> RunRecord:
+    # Through the lane's own pool, before any generation: every event fans out to it.
+    receiver = run.lane.receiver
+    await webhooks.create(run.lane.db, receiver.url, secret=receiver.secret)
     await run.lane.redis.xadd(run.real.queue.stream, GARBAGE_JOB)  # type: ignore[arg-type]
     async with anyio.create_task_group() as tg:
         tg.start_soon(run.serve_generations)

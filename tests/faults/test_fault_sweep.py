@@ -113,7 +113,7 @@ def coverage_gaps(faulted: set[str]) -> list[Violation]:
 async def test_every_fault_point_leaves_the_invariants_holding(
     services: Endpoints, template_database: str
 ) -> None:
-    """Failing any single port call, in any mode, breaks none of I1-I5."""
+    """Failing any single port call, in any mode, breaks none of I1-I6."""
     result = await sweep(services, template_database)
     violations = result.violations() + coverage_gaps(result.faulted_methods())
     violations += [Violation("H", "harness error", "[sweep]", c) for c in result.crashes]
