@@ -20,7 +20,7 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Final
@@ -131,13 +131,7 @@ class Deliverer:
         reply, and a retry found them finalized: nothing here attempts those deliveries,
         so they are freed for a claim now rather than when their lease runs out. If that
         fails, the lease still runs out."""
-        try:
-            released = await delivery.release_unanswered(self._db, batch_ids, self._owner)
-        except RetryableError as exc:
-            log.warning("delivery_release_failed", error=str(exc))
-            return
-        if released:
-            self._wakeup.wake()
+        await self._freed(partial(delivery.release_unanswered, self._db, batch_ids, self._owner))
 
     async def _start_due(self, tg: TaskGroup, sender: WebhookSender) -> bool:
         """Claims as many due deliveries as there are free slots and starts them; True
@@ -159,19 +153,19 @@ class Deliverer:
             )
         except RetryableError as exc:
             log.warning("delivery_claim_failed", error=str(exc))
-            await self._release_claim(claim_id)
+            # Its reply may have been lost after the commit: what it leased is freed.
+            await self._freed(partial(delivery.release_claim, self._db, claim_id))
             return False
         for item in claimed:
             self._busy += 1
             tg.start_soon(self._attempt, item, sender)
         return len(claimed) == free
 
-    async def _release_claim(self, claim_id: str) -> None:
-        """The failed claim may have leased rows all the same (its reply was lost after
-        the commit): nothing here attempts them, so they are freed for a claim now. If
-        that fails, their lease still runs out."""
+    async def _freed(self, release: Callable[[], Awaitable[int]]) -> None:
+        """Runs a release of leased deliveries nothing here attempts, and claims again at
+        once when it freed any; if it fails, their leases still run out."""
         try:
-            released = await delivery.release_claim(self._db, claim_id)
+            released = await release()
         except RetryableError as exc:
             log.warning("delivery_release_failed", error=str(exc))
             return

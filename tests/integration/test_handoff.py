@@ -110,16 +110,18 @@ async def test_a_handed_delivery_is_posted_without_a_claim_or_a_wake_up(
     assert (attempt["attempt"], attempt["status_code"], attempt["delivered"]) == (1, 200, True)
 
 
-class LosesFirstFinalizeReply(Database):
-    """The real pool; the first `finalize` statement commits, then its reply is lost."""
+class LosesFirstReply(Database):
+    """The real pool; the first `statement` that returns rows (or any, unless
+    `only_with_rows`) commits, then its reply is lost."""
 
-    def __init__(self, real: Database) -> None:
+    def __init__(self, real: Database, statement: str, *, only_with_rows: bool = False) -> None:
         self.__dict__.update(vars(real))
+        self.statement, self.only_with_rows = statement, only_with_rows
         self.lost = False
 
     async def fetch(self, name: str, *args: Any) -> list[Row]:
         rows = await super().fetch(name, *args)
-        if name == "finalize" and not self.lost:
+        if name == self.statement and (rows or not self.only_with_rows) and not self.lost:
             self.lost = True
             raise RetryableError("postgres: ConnectionResetError: the reply was lost")
         return rows
@@ -133,7 +135,7 @@ async def test_a_reply_lost_after_the_commit_frees_the_delivery_for_a_claim(
     before its 30 s lease would have run out."""
     tuned = fast(settings)
     deliverer = Deliverer(tuned, ports.db)
-    lossy = LosesFirstFinalizeReply(ports.db)
+    lossy = LosesFirstReply(ports.db, "finalize")
     send, receive = anyio.create_memory_object_stream[FinalizeRequest](4)
     assert lease_s(tuned) >= 30.0 > DEFAULT_TIMEOUT_S, "only a release delivers in time"
     with receiving(always(200)) as receiver:
@@ -157,21 +159,6 @@ async def test_a_reply_lost_after_the_commit_frees_the_delivery_for_a_claim(
     assert (attempt["attempt"], attempt["delivered"]) == (2, True), "the claim's attempt"
 
 
-class LosesFirstClaimReply(Database):
-    """The real pool; the first claim that leases a row commits, then its reply is lost."""
-
-    def __init__(self, real: Database) -> None:
-        self.__dict__.update(vars(real))
-        self.lost = False
-
-    async def fetch(self, name: str, *args: Any) -> list[Row]:
-        rows = await super().fetch(name, *args)
-        if name == "claim_deliveries" and rows and not self.lost:
-            self.lost = True
-            raise RetryableError("postgres: ConnectionResetError: the reply was lost")
-        return rows
-
-
 async def test_a_claim_whose_reply_is_lost_frees_what_it_leased(
     settings: Settings, ports: Ports
 ) -> None:
@@ -179,7 +166,7 @@ async def test_a_claim_whose_reply_is_lost_frees_what_it_leased(
     claim (and only it) leased, and the next claim delivers it once, long before the
     30 s lease would have run out."""
     tuned = fast(settings)
-    lossy = LosesFirstClaimReply(ports.db)
+    lossy = LosesFirstReply(ports.db, "claim_deliveries", only_with_rows=True)
     deliverer = Deliverer(tuned, lossy)
     assert lease_s(tuned) >= 30.0 > DEFAULT_TIMEOUT_S, "only a release delivers in time"
     with receiving(always(200)) as receiver:

@@ -185,18 +185,20 @@ async def test_a_redirect_is_returned_not_followed() -> None:
     assert len(server.requests) == 1
 
 
+async def answer_once(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: Server
+) -> None:
+    """Answers one request 200; returning, the server closes the connection."""
+    await read_request(reader, server)
+    writer.write(OK)
+    await writer.drain()
+
+
 async def test_a_connection_the_server_closed_while_idle_is_replaced() -> None:
     """Closed after its answer (a server's keep-alive timeout), or when the next request
     arrives: either way the next POST goes through on a new connection."""
 
-    async def once_then_close(
-        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: Server
-    ) -> None:
-        await read_request(reader, server)
-        writer.write(OK)
-        await writer.drain()
-
-    async with serving(once_then_close) as server, Client(user_agent="t") as client:
+    async with serving(answer_once) as server, Client(user_agent="t") as client:
         assert await post(client, server.url) == (200, b"ok")
         await wait_ended(server)
         assert await post(client, server.url) == (200, b"ok")
@@ -205,9 +207,7 @@ async def test_a_connection_the_server_closed_while_idle_is_replaced() -> None:
     async def drop_the_second(
         reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: Server
     ) -> None:
-        await read_request(reader, server)
-        writer.write(OK)
-        await writer.drain()
+        await answer_once(reader, writer, server)
         if server.connections == 1:
             await reader.readuntil(b"\r\n\r\n")  # the second request: closed unanswered
 
