@@ -121,6 +121,10 @@ def _webhook_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batches", type=int, default=200)
     parser.add_argument("--files", type=int, default=50, help="files per batch")
     parser.add_argument("--rounds", type=int, default=3, help="runs of each side, alternating")
+    parser.add_argument(
+        "--floor", action="store_true",
+        help="a third side: no webhook, a process posting each event to the receiver",
+    )  # fmt: skip
     parser.add_argument("--timeout-s", type=float, default=600.0, help="per run")
     parser.add_argument("--log-dir", type=Path, help="service logs (default: a new temp dir)")
 
@@ -274,7 +278,7 @@ async def _versus(args: argparse.Namespace, server: Server) -> dict[str, Any]:
 async def _webhook(args: argparse.Namespace, server: Server) -> dict[str, Any]:
     options = webhook.WebhookOptions(
         batches=args.batches, files=args.files, rounds=args.rounds,
-        timeout_s=args.timeout_s, log_dir=_log_dir(args),
+        timeout_s=args.timeout_s, log_dir=_log_dir(args), floor=args.floor,
     )  # fmt: skip
     return await webhook.run(server, options)
 

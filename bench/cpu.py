@@ -1,5 +1,5 @@
 """CPU time from /proc: the host, this run's Postgres backends, Redis, the harness, and
-the benchmark's webhook receiver when it has one.
+the benchmark's other processes when it has them (the webhook receiver, the poster).
 
 On a small shared machine the service, Postgres and Redis compete for the same cores
 with whatever else runs there; these figures say who used them during a run. Postgres
@@ -22,23 +22,23 @@ class CpuMeter:
     """Started before a run, polled during it, read at its end."""
 
     def __init__(
-        self, database: str, redis_pid: int | None, receiver_pid: int | None = None
+        self, database: str, redis_pid: int | None, others: dict[str, int] | None = None
     ) -> None:
         self._title = f" {database} ".encode()
         self._seen: dict[int, bool] = {}  # pid -> whether it is one of our backends
         self._redis_pid = redis_pid
-        self._receiver_pid = receiver_pid
+        self._others = dict(others or {})  # name -> pid: the receiver, the poster
         self._start = _host(), _harness_s(), _optional_s(redis_pid)
-        self._receiver_start = _optional_s(receiver_pid)
+        self._others_start = {name: _optional_s(pid) for name, pid in self._others.items()}
         self._backends_start = self._backends()
         self._backends_last = dict(self._backends_start)
 
     @classmethod
     async def start(
-        cls, database_url: str, redis_url: str, receiver_pid: int | None = None
+        cls, database_url: str, redis_url: str, others: dict[str, int] | None = None
     ) -> CpuMeter:
         database = urlsplit(database_url).path.lstrip("/")
-        return cls(database, await _redis_pid(redis_url), receiver_pid)
+        return cls(database, await _redis_pid(redis_url), others)
 
     @property
     def backend_pids(self) -> frozenset[int]:
@@ -55,7 +55,6 @@ class CpuMeter:
         (busy0, steal0, total0), harness0, redis0 = self._start
         busy, steal, total = _host()
         redis = _optional_s(self._redis_pid)
-        receiver, receiver0 = _optional_s(self._receiver_pid), self._receiver_start
         start = self._backends_start
         postgres = sum(
             v[0] - start.get(pid, (0.0, 0.0))[0] for pid, v in self._backends_last.items()
@@ -68,15 +67,17 @@ class CpuMeter:
             "postgres_sys_s": round(postgres_sys, 3),
             "redis_s": None if redis is None or redis0 is None else round(redis - redis0, 3),
             "harness_s": round(_harness_s() - harness0, 3),
-            "receiver_s": None
-            if receiver is None or receiver0 is None
-            else round(receiver - receiver0, 3),
+            **{f"{name}_s": self._other_s(name) for name in self._others},
             "host_busy_s": round(busy - busy0, 3),
             "host_steal_s": round(steal - steal0, 3),
             "host_busy_pct": round(100 * (busy - busy0) / (total - total0), 1)
             if total > total0
             else 0.0,
         }
+
+    def _other_s(self, name: str) -> float | None:
+        now, start = _optional_s(self._others[name]), self._others_start[name]
+        return None if now is None or start is None else round(now - start, 3)
 
     def _backends(self) -> dict[int, tuple[float, float]]:
         """CPU seconds (all, and of them in the kernel) of each live backend of the

@@ -162,3 +162,7 @@ WHERE batch_id = $1;
 -- Each delivered event with its finalization time, in seconds since the epoch.
 SELECT event_id, extract(epoch FROM finalized_at)::double precision AS finalized_s
 FROM deliveries WHERE state = 'delivered';
+
+-- name: event_ids
+-- The id of every event written (one per finalized batch).
+SELECT event_id FROM events;

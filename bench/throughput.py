@@ -4,12 +4,16 @@ The clock runs from the first batch created to the last run summary committed, b
 read from the database, so the progress poll's period adds nothing to the figure.
 With a `receiver`, its URL is subscribed as a webhook before the service starts; the
 run then also waits for every delivery and reports their latency: finalization (the
-event's `finalized_at`) -> the receiver's 2xx sent, and -> the delivery recorded.
+event's `finalized_at`) -> the receiver's 2xx sent, and -> the delivery recorded. With
+a `poster` instead, nothing is subscribed: `bench.poster` posts one event to that
+receiver per finalization from a process of its own (the floor of a webhook's cost), and
+the run waits until the receiver has answered every event.
 """
 
 from __future__ import annotations
 
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -19,6 +23,7 @@ import asyncpg
 
 from bench import cpu, profiling
 from bench.errors import BenchError
+from bench.poster import posting
 from bench.receiver import Receiver
 from bench.report import note, percentiles, progress_bar, ratio
 from bench.scratch import Scratch, Server, migrate, scratch
@@ -48,6 +53,7 @@ class ThroughputOptions:
     profile_native: bool = False
     profile_rate_hz: int = profiling.SAMPLE_RATE_HZ
     receiver: Receiver | None = None  # subscribed to batch.finalized before the run
+    poster: Receiver | None = None  # posted to by bench.poster, one event a finalization
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,10 +93,14 @@ async def run(server: Server, options: ThroughputOptions) -> dict[str, Any]:
 
 async def _drive(place: Scratch, options: ThroughputOptions) -> Observed:
     env = service_env(place, options.handler, options.concurrency, SWEEP_INTERVAL_S)
-    with running(env, options.log_dir, options.replicas) as services:
+    with running(env, options.log_dir, options.replicas) as services, ExitStack() as stack:
         note(f"service pid(s) {[s.pid for s in services]}, logs in {options.log_dir}")
-        receiver_pid = options.receiver.pid if options.receiver is not None else None
-        meter = await cpu.CpuMeter.start(place.database_url, place.redis_url, receiver_pid)
+        others = {}
+        if (receiver := options.receiver or options.poster) is not None:
+            others["receiver"] = receiver.pid
+        if options.poster is not None:
+            others["poster"] = stack.enter_context(posting(place.database_url, options.poster.url))
+        meter = await cpu.CpuMeter.start(place.database_url, place.redis_url, others)
         started_cpu = [s.cpu_s() for s in services]
         began = time.perf_counter()
         with profiling.record(
@@ -102,6 +112,8 @@ async def _drive(place: Scratch, options: ThroughputOptions) -> Observed:
         used = meter.usage()
         if options.receiver is not None:
             await wait_delivered(place.database_url, options)
+        if options.poster is not None:
+            await wait_posted(place.database_url, options.poster, options.timeout_s)
         rss = [round(s.peak_rss_mb(), 1) for s in services]
         ended = [s.cpu_s() for s in services]
     events = sum(_finalized_events(s) for s in services)
@@ -189,6 +201,23 @@ async def wait_delivered(url: str, options: ThroughputOptions) -> None:
         await conn.close()
 
 
+async def wait_posted(url: str, receiver: Receiver, timeout_s: float) -> None:
+    """Waits until the receiver has answered the poster's POST of every event."""
+    conn = await asyncpg.connect(url)
+    try:
+        events = {row["event_id"] for row in await conn.fetch(QUERIES["event_ids"])}
+    finally:
+        await conn.close()
+    try:
+        with anyio.fail_after(timeout_s):
+            while True:  # polling another process: there is nothing to wait on
+                if events <= set(receiver.acknowledged):
+                    return
+                await anyio.sleep(POLL_INTERVAL_S)
+    except TimeoutError:
+        raise BenchError(f"not every event posted within {timeout_s:g} s") from None
+
+
 def _finalized_events(service: ServiceProcess) -> int:
     return sum(1 for event in service.events() if event.get("event") == "batch_finalized")
 
@@ -258,6 +287,7 @@ def _others_s(seen: Observed) -> float | None:
     """Busy core-seconds of the host not spent by the service, servers or harness."""
     parts = [seen.cpu["postgres_s"], seen.cpu["redis_s"], seen.cpu["harness_s"]]
     parts.append(seen.cpu.get("receiver_s") or 0.0)
+    parts.append(seen.cpu.get("poster_s") or 0.0)
     busy = seen.cpu["host_busy_s"]
     if busy is None or any(part is None for part in parts):
         return None
@@ -272,8 +302,9 @@ def _per_file_us(seen: Observed, files: int) -> dict[str, float | None]:
         "redis": seen.cpu["redis_s"],
         "harness": seen.cpu["harness_s"],
     }
-    if seen.cpu.get("receiver_s") is not None:  # a run with a webhook receiver
-        spent["receiver"] = seen.cpu["receiver_s"]
+    for other in ("receiver", "poster"):  # a run with a webhook receiver, or a poster
+        if seen.cpu.get(f"{other}_s") is not None:
+            spent[other] = seen.cpu[f"{other}_s"]
     return {k: None if v is None else round(1e6 * v / files, 1) for k, v in spent.items()}
 
 

@@ -81,6 +81,10 @@ def test_webhook_and_wait_options_parse_and_the_sides_alternate() -> None:
     assert [webhook.order(i) for i in range(3)] == [
         ("none", "webhook"), ("webhook", "none"), ("none", "webhook"),
     ]  # fmt: skip
+    floor = parser.parse_args(["webhook", "--floor"])
+    assert floor.floor is True and parser.parse_args(["webhook"]).floor is False
+    three = webhook.WebhookOptions(batches=1, files=1, floor=True).sides
+    assert [webhook.order(i, three)[0] for i in range(4)] == ["none", "webhook", "posts", "none"]
 
 
 def test_webhook_figures_give_medians_spread_and_the_drop() -> None:
@@ -116,6 +120,24 @@ def test_the_paired_drop_is_the_median_of_each_rounds_ratio() -> None:
     result = webhook.figures_of(webhook.WebhookOptions(batches=2, files=3), rounds)
     assert result["drop"] == round(1 - 119.0 / 120.0, 4)
     assert result["drop_paired"] == 0.01
+
+
+def test_the_floor_side_has_drops_of_its_own() -> None:
+    """With `floor`, the posts side's drops against none come beside the webhook's."""
+
+    def side(rate: float) -> dict[str, object]:
+        latency = {"p50": 1.0, "p99": 2.0, "max": 2.0, "n": 1}
+        return {"files_per_s": rate, "delivery_latency_ms": latency, "ok": True}
+
+    rates = [(100.0, 90.0, 95.0), (200.0, 170.0, 196.0), (110.0, 99.0, 100.0)]
+    rounds = [{"none": side(n), "webhook": side(w), "posts": side(p)} for n, w, p in rates]
+    options = webhook.WebhookOptions(batches=2, files=3, floor=True)
+    result = webhook.figures_of(options, rounds)
+    assert result["files_per_s"]["posts"]["median"] == 100.0
+    assert result["floor_drop"] == round(1 - 100.0 / 110.0, 4)
+    assert result["floor_drop_paired"] == 0.05  # the median of 0.95, 0.98 and 0.909
+    assert result["drop_paired"] == 0.1  # 0.9, 0.85, 0.9
+    assert "floor_drop" not in webhook.figures_of(webhook.WebhookOptions(2, 3), rounds)
 
 
 def test_percentiles_are_nearest_rank() -> None:

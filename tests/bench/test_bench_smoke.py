@@ -93,17 +93,21 @@ def test_submit_creates_and_enqueues_every_file(services: Endpoints) -> None:
     assert len(result["seconds"]) == 1
 
 
-def test_webhook_runs_both_sides_and_delivers_every_event(
+def test_webhook_runs_every_side_and_delivers_every_event(
     services: Endpoints, tmp_path: Path
 ) -> None:
-    """webhook: one round of each side; the webhook side delivered every batch's event."""
+    """webhook --floor: one round of each side; the webhook side delivered every batch's
+    event, and on the floor's side the poster posted them (the run waits for that)."""
     result = bench(services, "webhook", "--batches", "3", "--files", "2", "--rounds", "1",
-                   "--log-dir", str(tmp_path))  # fmt: skip
+                   "--floor", "--timeout-s", "30", "--log-dir", str(tmp_path))  # fmt: skip
     (only,) = result["rounds"]
-    assert only["order"] == ["none", "webhook"]
+    assert only["order"] == ["none", "webhook", "posts"]
     assert only["none"]["delivery_latency_ms"] is None
     assert only["webhook"]["delivery_latency_ms"]["n"] == 3  # answered by the receiver
     assert only["webhook"]["delivery_recorded_ms"]["n"] == 3
+    assert only["posts"]["delivery_recorded_ms"] is None  # nothing subscribed
+    assert {"receiver", "poster"} <= only["posts"]["cpu_us_per_file"].keys()
+    assert only["posts"]["ok"] is True and "floor_drop_paired" in result
     assert result["checks"]["ok"] is True and result["checks"]["duplicate_acknowledgements"] == 0
 
 
