@@ -6,8 +6,10 @@ own throwaway database on the test server, and drops it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +19,7 @@ from tests.services import Endpoints
 
 REPO = Path(__file__).resolve().parents[2]
 RUN_TIMEOUT_S = 90.0
+STOP_TIMEOUT_S = 20.0
 THROUGHPUT_KEYS = {
     "files_per_s", "batches", "files", "wall_s", "finalize_latency_ms",
     "submit_files_per_s", "peak_rss_mb", "checks",
@@ -39,15 +42,36 @@ def bench(services: Endpoints, *args: str) -> dict[str, Any]:
         RECONCILER_REDIS_URL=services.redis_url,
         PYTHONPATH=str(REPO),
     )
-    done = subprocess.run(
-        [sys.executable, "-m", "bench", *args], cwd=REPO, env=env, capture_output=True,
-        text=True, timeout=RUN_TIMEOUT_S, check=False,
+    # A session of its own: if the run hangs, its children (service, receiver, poster)
+    # go with it. It is interrupted first, so it drops its scratch database and
+    # namespace as on Ctrl-C; what is still there after STOP_TIMEOUT_S is killed.
+    child = subprocess.Popen(
+        [sys.executable, "-m", "bench", *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, start_new_session=True,
     )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-4000:]
-    lines = done.stdout.strip().splitlines()
-    assert len(lines) == 1, done.stdout
+    try:
+        stdout, stderr = child.communicate(timeout=RUN_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        _, stderr = _stopped(child)
+        message = f"bench {args[0]} ran past {RUN_TIMEOUT_S:g} s: {stderr[-4000:]}"
+        raise AssertionError(message) from None
+    assert child.returncode == 0, stderr[-4000:]
+    lines = stdout.strip().splitlines()
+    assert len(lines) == 1, stdout
     result: dict[str, Any] = json.loads(lines[0])
     return result
+
+
+def _stopped(child: subprocess.Popen[str]) -> tuple[str, str]:
+    """Interrupts a run, then kills its whole session if it does not end in time."""
+    child.send_signal(signal.SIGINT)
+    try:
+        return child.communicate(timeout=STOP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return child.communicate()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.pid, signal.SIGKILL)
 
 
 def test_throughput_finalizes_every_batch_exactly_once(services: Endpoints, tmp_path: Path) -> None:
