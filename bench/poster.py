@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,33 +25,23 @@ import anyio
 import asyncpg
 
 from bench.post import STAMP, SUMMARY
+from bench.receiver import helper
 from reconciler.actors.delivery import DELIVERY_CONCURRENCY
 from reconciler.delivery import FINALIZED_TYPE, Claimed, Event, Sink
 from reconciler.sinks import WebhookSender, http_client
 from reconciler.webhooks import new_secret
 
 CHANNEL: Final = "reconciler_finalized"
-START_TIMEOUT_S: Final = 10.0
 TIMEOUT_S: Final = 10.0
 
 
 @contextmanager
 def posting(database_url: str, receiver_url: str) -> Iterator[int]:
     """A poster process for the block; yields its pid."""
-    child = subprocess.Popen(
-        [sys.executable, "-m", "bench.poster", database_url, receiver_url],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert child.stdout is not None
-        line = child.stdout.readline()
-        if line.strip() != "ready":
+    with helper("bench.poster", database_url, receiver_url) as (pid, line):
+        if line != "ready":
             raise RuntimeError(f"the poster did not start: {line!r}")
-        yield child.pid
-    finally:
-        child.terminate()
-        child.wait(START_TIMEOUT_S)
+        yield pid
 
 
 async def _post_each(database_url: str, receiver_url: str) -> None:

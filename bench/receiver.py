@@ -57,15 +57,22 @@ class Receiver:
 @contextmanager
 def receiving() -> Iterator[Receiver]:
     """A receiver process listening on a free port of 127.0.0.1 for the block."""
+    with helper("bench.receiver") as (pid, line):
+        if not line.isdigit():
+            raise RuntimeError(f"the webhook receiver did not start: {line!r}")
+        yield Receiver(int(line), pid)
+
+
+@contextmanager
+def helper(module: str, *args: str) -> Iterator[tuple[int, str]]:
+    """`python -m module args` for the block: its pid and the first line it printed
+    (once it is ready), then terminated."""
     child = subprocess.Popen(
-        [sys.executable, "-m", "bench.receiver"], stdout=subprocess.PIPE, text=True
+        [sys.executable, "-m", module, *args], stdout=subprocess.PIPE, text=True
     )
     try:
         assert child.stdout is not None
-        line = child.stdout.readline()
-        if not line.strip().isdigit():
-            raise RuntimeError(f"the webhook receiver did not start: {line!r}")
-        yield Receiver(int(line), child.pid)
+        yield child.pid, child.stdout.readline().strip()
     finally:
         child.terminate()
         child.wait(START_TIMEOUT_S)

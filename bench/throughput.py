@@ -35,6 +35,7 @@ from reconciler.config import Settings
 from reconciler.database import Database
 
 POLL_INTERVAL_S: Final = 0.1
+HELPERS: Final = ("receiver", "poster")  # the processes besides ours a run may have
 SUBMITTERS: Final = 8
 
 
@@ -286,8 +287,7 @@ async def answered_ms(url: str, receiver: Receiver | None) -> dict[str, float | 
 def _others_s(seen: Observed) -> float | None:
     """Busy core-seconds of the host not spent by the service, servers or harness."""
     parts = [seen.cpu["postgres_s"], seen.cpu["redis_s"], seen.cpu["harness_s"]]
-    parts.append(seen.cpu.get("receiver_s") or 0.0)
-    parts.append(seen.cpu.get("poster_s") or 0.0)
+    parts += [seen.cpu.get(f"{name}_s") or 0.0 for name in HELPERS]
     busy = seen.cpu["host_busy_s"]
     if busy is None or any(part is None for part in parts):
         return None
@@ -302,9 +302,9 @@ def _per_file_us(seen: Observed, files: int) -> dict[str, float | None]:
         "redis": seen.cpu["redis_s"],
         "harness": seen.cpu["harness_s"],
     }
-    for other in ("receiver", "poster"):  # a run with a webhook receiver, or a poster
-        if seen.cpu.get(f"{other}_s") is not None:
-            spent[other] = seen.cpu[f"{other}_s"]
+    for name in HELPERS:  # a run with a webhook receiver, or a poster
+        if seen.cpu.get(f"{name}_s") is not None:
+            spent[name] = seen.cpu[f"{name}_s"]
     return {k: None if v is None else round(1e6 * v / files, 1) for k, v in spent.items()}
 
 

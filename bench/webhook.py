@@ -57,14 +57,13 @@ async def run(server: Server, options: WebhookOptions) -> dict[str, Any]:
         rounds = []
         for index in range(options.rounds):
             figures: dict[str, dict[str, Any]] = {}
-            for side in order(index, options.sides):
+            sides = order(index, options.sides)
+            for side in sides:
                 note(f"round {index + 1}/{options.rounds}: {side}")
                 result = await throughput.run(server, _options(options, index, side, receiver))
                 figures[side] = summary(result)
                 note(f"{side}: {figures[side]['files_per_s']} files/s")
-            rounds.append(
-                {"round": index + 1, "order": list(order(index, options.sides)), **figures}
-            )
+            rounds.append({"round": index + 1, "order": list(sides), **figures})
         duplicates = sum(n - 1 for n in receiver.acknowledged.values() if n > 1)
     return figures_of(options, rounds, duplicates)
 
